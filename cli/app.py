@@ -1,0 +1,167 @@
+"""The `mergeng` command: thin typer commands that call the engine and render with rich.
+
+Exit codes: 0 ok, 1 failed while working, 2 bad usage or recipe. Errors are one red line;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from ..engine.errors import MergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Merge language and vision-language models weight by weight under a RAM budget.")
+console = Console(stderr=True)
+out = Console()
+
+RamOption = typer.Option(None, "--ram", help="Peak RSS ceiling for the whole process, e.g. 2G, 512M, 64G (binary units). Default: 80% of available memory.")
+DebugOption = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def _fail(e: BaseException, debug: bool) -> None:
+    if debug:
+        raise e
+    if isinstance(e, MergeError):
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code)
+    console.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (run again with --debug for the traceback)", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _budget(ram: Optional[str]) -> Optional[int]:
+    from ..engine.memory import parse_size
+
+    return parse_size(ram) if ram else None
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: ./merged/<recipe stem>."),
+    ram: Optional[str] = RamOption,
+    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard (decimal units as transformers uses: 5G = 5e9 bytes)."),
+    workers: int = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over."),
+    debug: bool = DebugOption,
+):
+    """Merge the models of RECIPE into a Hugging Face model folder.
+
+    Example: mergeng run configs/linear.yml -o merged/linear --ram 2G
+    """
+    from ..engine.memory import format_size
+    from ..engine.run import prepare, run_merge
+    from .progress import MergeProgress
+
+    try:
+        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers)
+        target = out_dir or Path("merged") / recipe.stem
+        for w in prepared.plan.warnings:
+            console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        total = sum(t.output.nbytes for t in prepared.plan.tasks)
+        with MergeProgress(console, total) as progress:
+            profile = run_merge(prepared, target, fresh, on_start=progress.start, on_progress=progress.advance)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
+        raise typer.Exit(130)
+    except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
+        _fail(e, debug)
+    resumed = " (resumed)" if profile["resumed"] else ""
+    console.print(f"[green]merged[/green] into {target}{resumed}: peak RSS {format_size(profile['peak_rss_bytes'])} "
+                  f"of {format_size(profile['ram_budget_bytes'])} budget", highlight=False)
+
+
+def _decimal_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise MergeError(f"--shard-size: cannot read '{text}' (e.g. 2G, 500M)")
+    return int(float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2)])
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
+    ram: Optional[str] = RamOption,
+    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
+    workers: int = typer.Option(2, "--workers", help="Worker threads."),
+    fmt: str = typer.Option("text", "--format", help="text, json or dot."),
+    debug: bool = DebugOption,
+):
+    """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
+
+    Example: mergeng plan configs/linear.yml --ram 2G --format json
+    """
+    from ..engine.run import prepare
+    from .plan_view import plan_summary, render_dot, render_text
+
+    try:
+        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers)
+        if fmt == "json":
+            out.print_json(json.dumps(plan_summary(prepared)))
+        elif fmt == "dot":
+            print(render_dot(prepared))
+        elif fmt == "text":
+            render_text(prepared, out)
+        else:
+            raise MergeError(f"--format: unknown format '{fmt}' (text, json, dot)")
+    except Exception as e:  # noqa: BLE001
+        _fail(e, debug)
+    if not prepared.schedule.feasible:
+        raise typer.Exit(1)
+
+
+@app.command()
+def methods():
+    """List every merge method with its parameters and defaults."""
+    from .plan_view import render_methods
+
+    render_methods(out)
+
+
+@app.command()
+def demo(
+    folder: Path = typer.Option(Path("mergeng-demo"), "--dir", help="Where to build the tiny models and the merge."),
+    ram: str = typer.Option("1G", "--ram", help="RAM budget for the demo merge."),
+    debug: bool = DebugOption,
+):
+    """Build three tiny Llama-shaped models and merge them (no downloads)."""
+    from importlib import resources
+
+    from ..engine.memory import format_size
+    from ..engine.run import prepare, run_merge
+    from ..engine.tiny_models import make_llama
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, name in enumerate(("base", "tuned-a", "tuned-b")):
+            make_llama(folder / name, variant=k)
+        recipe_path = folder / "demo.yml"
+        recipe_path.write_text(resources.files("mergeng.configs").joinpath("demo.yml").read_text())
+        console.print(f"built tiny models in {folder}/ (base, tuned-a, tuned-b); merging with {recipe_path}")
+        prepared = prepare(recipe_path, _budget(ram))
+        profile = run_merge(prepared, folder / "merged", fresh=True)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, debug)
+    from ..engine.source import ModelSource
+
+    merged = ModelSource(folder / "merged")
+    console.print(f"[green]demo merge done:[/green] {len(merged.tensors)} tensors in {folder / 'merged'}, "
+                  f"peak RSS {format_size(profile['peak_rss_bytes'])} (budget {ram})", highlight=False)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)

@@ -1,0 +1,104 @@
+"""Views of a prepared merge: the JSON summary, readable text, and the graph as Graphviz dot."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from ..architectures.layout import find_layer_stacks, parse_layer_name
+from ..engine.graph import build_graph
+from ..engine.memory import format_size
+from ..engine.run import Prepared
+
+
+def read_bytes(prepared: Prepared) -> int:
+    """Exact bytes the run reads: every input row range of every unit (statistics passes re-read)."""
+    tasks = prepared.plan.tasks
+    total = 0
+    for u in prepared.schedule.units:
+        total += sum(info.row_bytes * u.rows for _, info in tasks[u.task].all_inputs)
+    return total
+
+
+def plan_summary(prepared: Prepared) -> dict:
+    s, plan = prepared.schedule, prepared.plan
+    return {
+        "feasible": s.feasible,
+        "peak_ram_bytes": s.predicted_peak,
+        "ram_budget_bytes": s.budget,
+        "min_ram_bytes": s.min_budget,
+        "baseline_bytes": s.baseline,
+        "read_bytes": read_bytes(prepared),
+        "write_bytes": prepared.layout.total_bytes,
+        "tensors": len(plan.tasks),
+        "shards": [{"file": sh.file_name, "bytes": sh.size, "tensors": len(sh.tensors)} for sh in prepared.layout.shards],
+        "chunked_tensors": [{"tensor": n, "chunk_rows": r, "chunks": c} for n, r, c in s.chunked(plan.tasks)],
+        "method": plan.recipe.merge_method,
+        "inputs": {label: str(src.path) for label, src in plan.sources.items()},
+        "workers": s.workers,
+        "warnings": plan.warnings,
+    }
+
+
+def render_text(prepared: Prepared, console: Console) -> None:
+    summary = plan_summary(prepared)
+    plan = prepared.plan
+    console.print(f"[bold]merge[/bold] {plan.recipe.merge_method} of {len(plan.sources)} models → {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
+    inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")
+    for label, src in plan.sources.items():
+        inputs.add_row(label, str(src.path), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
+    console.print(inputs)
+    layers = Table("layer", "tensors", "read", "written", title="per layer", title_justify="left")
+    stacks = find_layer_stacks([t.output.name for t in plan.tasks])
+    groups: dict[str, list] = defaultdict(list)
+    for t in plan.tasks:
+        layer = parse_layer_name(t.output.name, stacks)
+        groups[f"{layer.stack}.{layer.index}" if layer else "outside layers"].append(t)
+    for key, tasks in list(groups.items())[:12]:
+        layers.add_row(key, str(len(tasks)), format_size(sum(i.nbytes for t in tasks for _, i in t.all_inputs)),
+                       format_size(sum(t.output.nbytes for t in tasks)))
+    if len(groups) > 12:
+        layers.add_row(f"... {len(groups) - 12} more", "", "", "")
+    console.print(layers)
+    console.print(f"read {format_size(summary['read_bytes'])}, write {format_size(summary['write_bytes'])}")
+    verdict = "[green]fits[/green]" if summary["feasible"] else f"[red]does not fit[/red] (smallest budget that works: {format_size(summary['min_ram_bytes'])})"
+    console.print(f"predicted peak RAM {format_size(summary['peak_ram_bytes'])} of {format_size(summary['ram_budget_bytes'])} budget "
+                  f"(baseline {format_size(summary['baseline_bytes'])}): {verdict}")
+    chunked = summary["chunked_tensors"]
+    if chunked:
+        console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+    for w in summary["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def render_dot(prepared: Prepared) -> str:
+    g = build_graph(prepared.plan.tasks, prepared.schedule.merge_bytes)
+    clusters: dict[str, list[str]] = defaultdict(list)
+    for node, data in g.nodes(data=True):
+        clusters[data["layer"]].append(node)
+    lines = ["digraph merge {", "  rankdir=LR;", "  node [shape=box, fontsize=9];"]
+    for i, (layer, nodes) in enumerate(clusters.items()):
+        lines.append(f'  subgraph cluster_{i} {{ label="{layer}";')
+        for node in nodes:
+            d = g.nodes[node]
+            lines.append(f'    "{node}" [label="{node}\\n{format_size(d["bytes"])}"];')
+        lines.append("  }")
+    for a, b in g.edges:
+        lines.append(f'  "{a}" -> "{b}";')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def render_methods(console: Console) -> None:
+    from ..methods.registry import all_methods
+
+    table = Table("method", "base", "models", "parameters (default)", "description")
+    for m in all_methods().values():
+        params = ", ".join(
+            f"{p.name}{'[per model]' if p.per_model else ''}" + ("" if p.required else f"={p.default}") for p in m.parameters.values()
+        )
+        models = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"-{m.max_models}"))
+        table.add_row(m.name, m.base, models, params, m.description)
+    console.print(table)

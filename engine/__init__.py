@@ -1,0 +1,1 @@
+"""The merge machinery, independent of any merge method: recipe, sources, graph, scheduler, executor, writer."""

@@ -1,0 +1,287 @@
+"""From a recipe and its models' headers to one task per output tensor (no weight is read).
+
+    Recipe + ModelSources ──► [TensorTask: output name/dtype/shape, base + inputs, parameters]
+
+`models` form: every tensor of the base (else first) model is merged from the same name in
+each input. `slices` form: output layers are the slices' layers renumbered in order; tensors
+outside the layer stack come from the first slice's sources when they look like input
+embeddings and from the last slice's otherwise (mergekit's pre/post weights). Parameters are
+resolved here, once per tensor and model, so later stages only see plain numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..architectures.layout import find_layer_stacks, language_stack, parse_layer_name
+from ..methods.registry import MergeMethod, get_method
+from .dtypes import RECIPE_DTYPES
+from .errors import MergeError
+from .recipe import Parameters, Recipe, is_unset, resolve_parameter
+from .source import ModelSource, TensorInfo
+from .writer import OutputTensor
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """How one output tensor is made: which input tensors, which method, which parameter values."""
+
+    output: OutputTensor
+    base: TensorInfo | None
+    inputs: tuple[TensorInfo, ...]  # the non-base inputs, in recipe order
+    input_models: tuple[str, ...]  # model label of each entry of `inputs`
+    params: dict[str, Any]  # global values, and per-model lists aligned with `inputs`
+    method: MergeMethod
+    base_model: str | None = None
+
+    @property
+    def all_inputs(self) -> tuple[tuple[str, TensorInfo], ...]:
+        """(model, tensor) of every input, base first."""
+        base = ((self.base_model, self.base),) if self.base is not None else ()
+        return base + tuple(zip(self.input_models, self.inputs))
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    sources: dict[str, ModelSource]  # by the model string the recipe uses
+    tasks: list[TensorTask]
+    config: dict  # output config.json
+    config_donor: str  # model whose config, tokenizer and generation files are copied
+    warnings: list[str] = field(default_factory=list)
+
+
+def natural_key(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def resolve_model_path(model: str, recipe_dir: Path | None) -> Path:
+    for candidate in (Path(model), (recipe_dir / model) if recipe_dir else None):
+        if candidate is not None and candidate.is_dir():
+            return candidate
+    if "+" in model:
+        raise MergeError(f"model '{model}': LoRA adapters ('model+adapter') are not supported yet")
+    raise MergeError(f"model '{model}': folder not found (model paths are local folders, relative to the working directory or the recipe)")
+
+
+def open_sources(recipe: Recipe, recipe_dir: Path | None) -> dict[str, ModelSource]:
+    return {m: ModelSource(resolve_model_path(m, recipe_dir), label=m) for m in recipe.model_paths()}
+
+
+def _check_value(name: str, value: Any, expected: type, where: str) -> Any:
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return expected(value) if expected is float else value
+    kind = {bool: "true or false", float: "a number", int: "an integer"}[expected]
+    raise MergeError(f"{where}: parameter '{name}' must be {kind}, got {value!r}")
+
+
+def resolve_params(method: MergeMethod, output_name: str, t: float, global_levels: list[Parameters],
+                   inputs: list[tuple[str, str, Parameters]]) -> dict[str, Any]:
+    """Resolve every declared parameter; `inputs` is (model, input tensor name, model params) per non-base input."""
+    values: dict[str, Any] = {}
+    for p in method.parameters.values():
+        if p.per_model:
+            per: list[Any] = []
+            for model, tensor_name, own in inputs:
+                v = resolve_parameter(p.name, [own, *global_levels], tensor_name, t)
+                if is_unset(v):
+                    if p.required:
+                        raise MergeError(f"recipe: parameter '{p.name}' is required for model '{model}' (method {method.name})")
+                    v = p.default
+                per.append(_check_value(p.name, v, p.type, f"model '{model}'"))
+            values[p.name] = per
+        else:
+            v = resolve_parameter(p.name, global_levels, output_name, t)
+            if is_unset(v):
+                if p.required:
+                    raise MergeError(f"recipe field 'parameters.{p.name}': required by method {method.name}")
+                v = p.default
+            values[p.name] = _check_value(p.name, v, p.type, "recipe field 'parameters'")
+    return values
+
+
+class _Builder:
+    def __init__(self, recipe: Recipe, sources: dict[str, ModelSource]):
+        self.recipe = recipe
+        self.sources = sources
+        self.method = get_method(recipe.merge_method)
+        self.warnings: list[str] = []
+        self.stacks = {m: find_layer_stacks(list(s.tensors)) for m, s in sources.items()}
+
+    def output_dtype(self, infos: list[TensorInfo]) -> torch.dtype:
+        if not infos[0].dtype.is_floating_point:
+            return infos[0].dtype
+        name = self.recipe.out_dtype or self.recipe.dtype
+        return RECIPE_DTYPES[name] if name else infos[0].dtype
+
+    def task(self, out_name: str, t: float, base: tuple[str, str] | None, inputs: list[tuple[str, str, Parameters]],
+             global_levels: list[Parameters]) -> TensorTask:
+        """One task; `base` is (model, tensor name), inputs (model, tensor name, model params)."""
+        method = self.method
+        base_info = self.sources[base[0]].tensors[base[1]] if base else None
+        infos = [self.sources[m].tensors[n] for m, n, _ in inputs]
+        all_infos = ([base_info] if base_info else []) + infos
+        if not all_infos[0].dtype.is_floating_point:  # integer buffers: copied, never averaged
+            first = all_infos[0]
+            method = get_method("passthrough")
+            return TensorTask(OutputTensor(out_name, first.dtype, first.shape), None, (first,),
+                              ((base or inputs[0])[0],), {"scale": [1.0]}, method)
+        n = len(inputs)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            want = f"{method.min_models}" if method.max_models == method.min_models else f"at least {method.min_models}"
+            raise MergeError(f"merge_method {method.name}: needs {want} model(s) besides the base, tensor '{out_name}' has {n}")
+        shape = self._merged_shape(out_name, base, base_info, inputs, infos)
+        params = resolve_params(method, out_name, t, global_levels, inputs)
+        return TensorTask(OutputTensor(out_name, self.output_dtype(all_infos), shape), base_info, tuple(infos),
+                          tuple(m for m, _, _ in inputs), params, method, base[0] if base else None)
+
+    def _merged_shape(self, out_name, base, base_info, inputs, infos) -> tuple[int, ...]:
+        """Inputs must agree, except embedding-like row counts (METHODS.md "Shapes")."""
+        labelled = ([(base[0], base_info)] if base_info else []) + [(m, i) for (m, _, _), i in zip(inputs, infos)]
+        shapes = {i.shape for _, i in labelled}
+        if len(shapes) == 1:
+            return labelled[0][1].shape
+        tails = {s[1:] for s in shapes}
+        desc = ", ".join(f"{m} {list(i.shape)}" for m, i in labelled)
+        if len(tails) != 1 or any(len(s) < 2 for s in shapes):
+            raise MergeError(f"tensor '{out_name}': shapes differ between models ({desc})")
+        if base_info is not None:
+            if any(i.shape[0] < base_info.shape[0] for i in infos):
+                raise MergeError(f"tensor '{out_name}': a model has fewer rows than the base ({desc})")
+            return base_info.shape
+        return (min(s[0] for s in shapes),) + next(iter(tails))
+
+    def layer_t(self, model: str, name: str) -> float:
+        stacks = self.stacks[model]
+        layer = parse_layer_name(name, stacks)
+        if layer is None:
+            return 0.0
+        n = stacks[layer.stack]
+        return layer.index / (n - 1) if n > 1 else 1.0
+
+    # -- models form -------------------------------------------------------------------------
+    def models_form(self) -> tuple[list[TensorTask], str]:
+        r = self.recipe
+        listed = [m.model for m in r.models]
+        params_of = {m.model: m.parameters for m in r.models}
+        base = r.base_model
+        if self.method.base == "required" and not base:
+            raise MergeError(f"recipe field 'base_model': method {self.method.name} needs a base model")
+        order = listed + ([base] if base and base not in listed else [])
+        if self.method.base == "none":
+            others = order
+            base = None
+        else:
+            others = [m for m in order if m != base]
+        donor = base or (r.base_model if r.base_model else order[0])
+        names = list(self.sources[donor].tensors)
+        missing_everywhere = []
+        tasks = []
+        for name in names:
+            have = [m for m in others if name in self.sources[m].tensors]
+            if len(have) < len(others):
+                lacking = [m for m in others if m not in have]
+                self.warnings.append(f"tensor '{name}' is missing from {', '.join(lacking)}: merged from the models that have it")
+            if not have:
+                missing_everywhere.append(name)
+                continue
+            t = self.layer_t(donor, name)
+            inputs = [(m, name, params_of.get(m, {})) for m in have]
+            tasks.append(self.task(name, t, (base, name) if base else None, inputs, [r.parameters]))
+        for name in missing_everywhere:  # only the base has it: carried over unchanged
+            self.warnings.append(f"tensor '{name}' exists only in the base model: copied from it")
+            info = self.sources[donor].tensors[name]
+            tasks.append(TensorTask(OutputTensor(name, self.output_dtype([info]), info.shape), None, (info,), (donor,),
+                                    {"scale": [1.0]}, get_method("passthrough")))
+        return tasks, donor
+
+    # -- slices form -------------------------------------------------------------------------
+    def slices_form(self) -> tuple[list[TensorTask], str, int]:
+        r = self.recipe
+        first_model = r.slices[0].sources[0].model
+        donor = r.base_model or first_model
+        stack = language_stack(self.stacks[donor], self.sources[donor].config)
+        if stack is None:
+            raise MergeError(f"recipe field 'slices': model '{donor}' has no numbered layer stack to slice")
+        tasks: list[TensorTask] = []
+        out_layer = 0
+        for si, sl in enumerate(r.slices):
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+            if len(lengths) != 1:
+                raise MergeError(f"recipe field 'slices[{si}].sources': layer ranges must have the same length, got {[list(s.layer_range) for s in sl.sources]}")
+            n = lengths.pop()
+            for s in sl.sources:
+                have = self.stacks[s.model].get(stack, 0)
+                if s.layer_range[1] > have:
+                    raise MergeError(f"recipe field 'slices[{si}].sources': layer_range {list(s.layer_range)} is beyond model '{s.model}', which has {have} layers")
+            base = sl.base_model or r.base_model
+            base_src = next((s for s in sl.sources if s.model == base), None) if self.method.base != "none" else None
+            if self.method.base == "required" and base_src is None:
+                raise MergeError(f"recipe field 'slices[{si}]': method {self.method.name} needs base_model among the slice's sources")
+            others = [s for s in sl.sources if s is not base_src]
+            first = sl.sources[0]
+            for j in range(n):
+                t = j / (n - 1) if n > 1 else 1.0
+                prefix = f"{stack}.{first.layer_range[0] + j}."
+                for name in self.sources[first.model].tensors:
+                    if not name.startswith(prefix):
+                        continue
+                    rest = name[len(prefix):]
+                    def src_name(s, rest=rest, j=j):
+                        return f"{stack}.{s.layer_range[0] + j}.{rest}"
+                    for s in sl.sources:
+                        if src_name(s) not in self.sources[s.model].tensors:
+                            raise MergeError(f"tensor '{src_name(s)}' is missing from model '{s.model}' (slices[{si}])")
+                    out_name = f"{stack}.{out_layer + j}.{rest}"
+                    inputs = [(s.model, src_name(s), s.parameters) for s in others]
+                    base_ref = (base_src.model, src_name(base_src)) if base_src else None
+                    tasks.append(self.task(out_name, t, base_ref, inputs, [sl.parameters, r.parameters]))
+            out_layer += n
+        tasks += self._non_layer_tasks(stack)
+        return tasks, donor, out_layer
+
+    def _non_layer_tasks(self, stack: str) -> list[TensorTask]:
+        r = self.recipe
+        tasks = []
+        donor_model = r.slices[0].sources[0].model
+        for name in self.sources[donor_model].tensors:
+            if name.startswith(stack + "."):
+                continue
+            sl = r.slices[0] if "embed" in name else r.slices[-1]
+            base = sl.base_model or r.base_model
+            base_src = next((s for s in sl.sources if s.model == base), None) if self.method.base != "none" else None
+            others = [s for s in sl.sources if s is not base_src]
+            inputs = [(s.model, name, s.parameters) for s in others]
+            for s in sl.sources:
+                if name not in self.sources[s.model].tensors:
+                    raise MergeError(f"tensor '{name}' is missing from model '{s.model}'")
+            tasks.append(self.task(name, 0.0, (base_src.model, name) if base_src else None, inputs, [sl.parameters, r.parameters]))
+        return tasks
+
+
+def build_plan(recipe: Recipe, sources: dict[str, ModelSource]) -> MergePlan:
+    builder = _Builder(recipe, sources)
+    if recipe.models is not None:
+        tasks, donor = builder.models_form()
+        layers = None
+    else:
+        tasks, donor, layers = builder.slices_form()
+    tasks.sort(key=lambda task: natural_key(task.output.name))
+    config = dict(sources[donor].config)
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if out_dtype:
+        config["torch_dtype"] = str(RECIPE_DTYPES[out_dtype]).removeprefix("torch.")
+        if "dtype" in config:
+            config["dtype"] = config["torch_dtype"]
+    if layers is not None:
+        holder = config if "num_hidden_layers" in config or "text_config" not in config else config["text_config"]
+        holder["num_hidden_layers"] = layers
+    return MergePlan(recipe, sources, tasks, config, donor, builder.warnings)

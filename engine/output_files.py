@@ -1,0 +1,64 @@
+"""The non-weight files of a merged model folder: config, tokenizer, model card, recipe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .merge_plan import MergePlan
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "preprocessor_config.json", "processor_config.json",
+)
+
+
+def tokenizer_donor(plan: MergePlan) -> Path:
+    """Folder whose tokenizer and generation files are copied: tokenizer_source, else base, else first."""
+    choice = plan.recipe.tokenizer_source
+    if choice in (None, "base"):
+        return plan.sources[plan.config_donor].path
+    if choice in plan.sources:
+        return plan.sources[choice].path
+    from .errors import MergeError
+
+    path = Path(choice)
+    if not path.is_dir():
+        raise MergeError(f"recipe field 'tokenizer_source': '{choice}' is not 'base', a model of the recipe or a folder")
+    return path
+
+
+def write_output_files(plan: MergePlan, out_dir: Path, recipe_text: str) -> None:
+    out_dir = Path(out_dir)
+    (out_dir / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    donor = tokenizer_donor(plan)
+    for name in TOKENIZER_FILES:
+        if (donor / name).exists():
+            shutil.copyfile(donor / name, out_dir / name)
+    (out_dir / "mergeng_recipe.yml").write_text(recipe_text)
+    (out_dir / "README.md").write_text(model_card(plan, recipe_text))
+
+
+def model_card(plan: MergePlan, recipe_text: str) -> str:
+    r = plan.recipe
+    inputs = "\n".join(f"- `{m}`" + (" (base)" if m == r.base_model else "") for m in plan.sources)
+    return f"""---
+library_name: transformers
+tags:
+- mergeng
+- merge
+---
+# {r.name or "Merged model"}
+
+This model was merged with [mergeng](https://github.com/) using the **{r.merge_method}** method.
+
+## Inputs
+{inputs}
+
+## Recipe
+```yaml
+{recipe_text.strip()}
+```
+"""

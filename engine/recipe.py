@@ -1,0 +1,187 @@
+"""A mergekit-compatible recipe: its schema, and how a parameter resolves for one tensor.
+
+Resolution follows mergekit (METHODS.md "Recipe semantics"):
+- a value is a scalar, a gradient (list of numbers) or a list of `{filter, value}` conditions,
+  scanned in order; the first whose filter is a substring of the tensor name (or missing/"*")
+  wins, no match falls through to the next precedence level;
+- precedence, highest first: the model's (slice source's) `parameters`, the slice's, the top level's;
+- a gradient of length L at position t: s = t·(L−1), i = floor(s), linear between v[i] and v[i+1].
+`resolve_parameter` is the single place this happens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import MergeError
+
+Scalar = Union[bool, int, float, str]
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[float]]
+
+
+ParamValue = Union[Scalar, list[float], list[Condition]]
+Parameters = dict[str, ParamValue]
+
+
+class InputModel(BaseModel):
+    """One `models:` entry."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: Parameters = Field(default_factory=dict)
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class Slice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=dict)
+    base_model: str | None = None
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    base_model: str | None = None
+    parameters: Parameters = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, v: str | None) -> str | None:
+        from .dtypes import RECIPE_DTYPES
+
+        if v is not None and v not in RECIPE_DTYPES:
+            raise ValueError(f"unknown dtype '{v}' (use float32, float16 or bfloat16)")
+        return v
+
+    def model_paths(self) -> list[str]:
+        """Every model the recipe names, in first-mention order (base first when `models` lists it)."""
+        names: list[str] = []
+        if self.models is not None:
+            names += [m.model for m in self.models]
+        for s in self.slices or []:
+            names += [src.model for src in s.sources]
+        if self.base_model:
+            names.append(self.base_model)
+        return list(dict.fromkeys(names))
+
+
+def _field_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("list[float]", "list[Condition]", "bool", "int", "float", "str", "tuple[int, int]"):
+            continue  # union-branch names pydantic adds to the path
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise MergeError(f"{origin}: YAML syntax error{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{origin}: expected a mapping of recipe fields (merge_method, models, ...)")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        err = _best_error(e.errors())
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif "parameters" in err["loc"] and len(e.errors()) > 1:
+            msg = "expected a number, a list of numbers (gradient) or a list of {filter, value} conditions"
+        raise MergeError(f"{origin}: recipe field '{_field_path(err['loc'])}': {msg}") from None
+    if (recipe.models is None) == (recipe.slices is None):
+        raise MergeError(f"{origin}: give exactly one of 'models' or 'slices'")
+    return recipe
+
+
+def _best_error(errors: list[dict]) -> dict:
+    """Of pydantic's union-branch errors, the one a user wants: prefer unknown fields, then the shortest path."""
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    return extra[0] if extra else min(errors, key=lambda e: len(e["loc"]))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise MergeError(f"recipe not found: {path}")
+    return parse_recipe(path.read_text(), str(path))
+
+
+def gradient_value(values: list[float], t: float) -> float:
+    """Piecewise-linear interpolation of a gradient list at t in [0, 1] (mergekit's rule)."""
+    if len(values) == 1:
+        return float(values[0])
+    s = max(0.0, min(1.0, t)) * (len(values) - 1)
+    i = math.floor(s)
+    j = min(i + 1, len(values) - 1)
+    frac = s - i
+    return float(values[i]) * (1 - frac) + float(values[j]) * frac
+
+
+_UNSET = object()
+
+
+def _value_at(value: ParamValue, tensor_name: str, t: float) -> Any:
+    if isinstance(value, list) and value and isinstance(value[0], Condition):
+        for cond in value:
+            if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
+                return _value_at(cond.value, tensor_name, t)
+        return _UNSET
+    if isinstance(value, list):
+        return gradient_value(value, t)
+    return value
+
+
+def resolve_parameter(name: str, levels: list[Parameters], tensor_name: str, t: float) -> Any:
+    """The value of parameter `name` for `tensor_name` at layer position t, or _UNSET.
+
+    `levels` is ordered from highest precedence (model/source) to lowest (top level)."""
+    for params in levels:
+        if name in params:
+            v = _value_at(params[name], tensor_name, t)
+            if v is not _UNSET:
+                return v
+    return _UNSET
+
+
+def is_unset(value: Any) -> bool:
+    return value is _UNSET

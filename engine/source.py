@@ -1,0 +1,159 @@
+"""A model folder on disk: its config, its tensors' headers, and reads of their bytes.
+
+Only headers are parsed when a source opens; no weight is touched. Reads use `os.preadv`
+into buffers the engine allocates and frees (never a long-lived mmap, whose touched pages stay
+in RSS), for a whole tensor or a contiguous range of its rows. Every file's size is checked
+against its header, so a truncated download is reported by file name before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dtypes import SAFETENSORS_TO_TORCH, element_size, num_rows, row_elements, tensor_bytes
+from .errors import MergeError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie: file, absolute byte offset, dtype and shape."""
+
+    name: str
+    file: Path
+    offset: int  # absolute offset of the first byte in `file`
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.shape, self.dtype)
+
+    @property
+    def rows(self) -> int:
+        return num_rows(self.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        return row_elements(self.shape) * element_size(self.dtype)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Parse one safetensors file's header -> (tensors by name, __metadata__)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise MergeError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise MergeError(f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes)")
+            header = json.loads(f.read(header_len))
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MergeError(f"{path}: corrupt safetensors header (not JSON)") from None
+    data_start = 8 + header_len
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_end = data_start
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_TO_TORCH[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            shape = tuple(int(d) for d in entry["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        info = TensorInfo(name, path, data_start + begin, dtype, shape)
+        if end - begin != info.nbytes:
+            raise MergeError(f"{path}: tensor '{name}' spans {end - begin} bytes but its shape needs {info.nbytes}")
+        data_end = max(data_end, data_start + end)
+        tensors[name] = info
+    if data_end > size:
+        raise MergeError(f"{path}: truncated ({size} bytes, header needs {data_end}); re-download it")
+    return tensors, metadata
+
+
+def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Read rows [start, stop) of a tensor into a fresh buffer (the whole tensor by default)."""
+    stop = info.rows if stop is None else stop
+    nbytes = (stop - start) * info.row_bytes
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        done, pos = 0, info.offset + start * info.row_bytes
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n == 0:
+                raise MergeError(f"{info.file}: truncated while reading tensor '{info.name}'", exit_code=1)
+            done += n
+    finally:
+        os.close(fd)
+    shape = ((stop - start),) + info.shape[1:] if info.shape else ()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=info.dtype)
+    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+
+
+class ModelSource:
+    """A local model folder: config.json plus model.safetensors or a sharded index."""
+
+    def __init__(self, path: str | Path, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        if not self.path.is_dir():
+            raise MergeError(f"model '{self.label}': folder not found ({self.path})")
+        self.config = self._read_config()
+        self.tensors: dict[str, TensorInfo] = {}
+        self.files: list[Path] = []
+        for file in self._weight_files():
+            infos, _ = read_safetensors_header(file)
+            self.files.append(file)
+            self.tensors.update(infos)
+        if not self.tensors:
+            raise MergeError(f"model '{self.label}': no tensors in {self.path}")
+
+    def _read_config(self) -> dict:
+        cfg = self.path / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            return json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise MergeError(f"model '{self.label}': config.json is not valid JSON (line {e.lineno})") from None
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise MergeError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            files = list(dict.fromkeys(weight_map.values()))
+            missing = [f for f in files if not (self.path / f).exists()]
+            if missing:
+                raise MergeError(f"model '{self.label}': shard {missing[0]} listed in the index is missing")
+            return [self.path / f for f in files]
+        if single.exists():
+            return [single]
+        others = sorted(self.path.glob("*.safetensors"))
+        if others:
+            return others
+        raise MergeError(f"model '{self.label}': no model.safetensors or model.safetensors.index.json in {self.path}")
+
+    def file_fingerprint(self) -> list[tuple[str, int]]:
+        """(file name, size) of each weight file: what a resumed run checks for changed inputs."""
+        return [(f.name, f.stat().st_size) for f in self.files]
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return read_rows(self.tensors[name], start, stop)

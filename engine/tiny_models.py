@@ -1,0 +1,133 @@
+"""Llama-shaped model folders made from scratch, for the demo, the tests and the benchmarks.
+
+There is no model hub here, so the project builds its own inputs: random weights in a
+Llama/Mistral/Qwen layout with a config.json that transformers loads, a small word-level
+tokenizer and a generation config. Variants are the same base plus seeded noise, like
+fine-tunes of one model. Tensors stream through the shard writer, so a ~1B model is built
+without holding it in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .dtypes import RECIPE_DTYPES, dtype_name
+from .writer import OutputTensor, ShardLayout, ShardWriter
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    vocab_size: int = 256
+    tie_word_embeddings: bool = False
+
+
+TINY = LlamaShape()
+BENCH_1B = LlamaShape(2048, 20, 32, 4, 5632, 32000)
+
+
+def llama_tensors(shape: LlamaShape) -> list[tuple[str, tuple[int, ...]]]:
+    h, kv = shape.hidden_size, shape.hidden_size // shape.num_attention_heads * shape.num_key_value_heads
+    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shape.vocab_size, h))]
+    for i in range(shape.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (shape.intermediate_size, h)),
+            (p + "mlp.up_proj.weight", (shape.intermediate_size, h)),
+            (p + "mlp.down_proj.weight", (h, shape.intermediate_size)),
+        ]
+    names.append(("model.norm.weight", (h,)))
+    if not shape.tie_word_embeddings:
+        names.append(("lm_head.weight", (shape.vocab_size, h)))
+    return names
+
+
+def llama_config(shape: LlamaShape, dtype: str) -> dict:
+    cfg = asdict(shape)
+    cfg.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_act="silu",
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        torch_dtype=dtype,
+    )
+    return cfg
+
+
+def _tensor(name: str, shape: tuple[int, ...], seed: int, variant: int, noise: float) -> torch.Tensor:
+    """Deterministic per tensor name: variant k = variant 0 + k-seeded noise."""
+    key = sum(ord(c) * 31**i for i, c in enumerate(name)) % (2**31)
+    base_gen = torch.Generator().manual_seed(seed * 1_000_003 + key)
+    if len(shape) == 1:
+        value = 1.0 + 0.1 * torch.randn(shape, generator=base_gen)
+    else:
+        value = torch.randn(shape, generator=base_gen) * (1.0 / shape[-1] ** 0.5)
+    if variant:
+        noise_gen = torch.Generator().manual_seed(seed * 1_000_003 + key + 7919 * variant)
+        value += noise * value.abs().mean() * torch.randn(shape, generator=noise_gen)
+    return value
+
+
+def write_tokenizer(out: Path, vocab_size: int) -> None:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(4, min(vocab_size, 200)):
+        vocab[f"w{i}"] = i
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+            for c, i in list(vocab.items())[:4]
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 256,
+    }, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2))
+
+
+def make_llama(out: str | Path, shape: LlamaShape = TINY, *, seed: int = 0, variant: int = 0,
+               noise: float = 0.05, dtype: str = "float32", shard_size: int | None = None) -> Path:
+    """Write a Llama-shaped model folder; `variant` > 0 adds seeded noise to variant 0's weights."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = RECIPE_DTYPES[dtype]
+    specs = llama_tensors(shape)
+    layout = ShardLayout([OutputTensor(n, torch_dtype, s) for n, s in specs], shard_size or 5 * 10**9)
+    writer = ShardWriter(layout, out)
+    writer.open()
+    for name, s in specs:
+        writer.write_rows(name, 0, _tensor(name, s, seed, variant, noise).to(torch_dtype))
+    for shard in layout.shards:
+        writer.finish_shard(shard)
+    writer.write_index()
+    (out / "config.json").write_text(json.dumps(llama_config(shape, dtype_name(torch_dtype)), indent=2))
+    write_tokenizer(out, shape.vocab_size)
+    return out
