@@ -19,7 +19,9 @@ What it measures, and why this way:
   getrusage(RUSAGE_CHILDREN).ru_maxrss (KiB on Linux), i.e. the peak RSS of the largest
   single descendant of that one run; a fresh wrapper per run keeps runs from polluting each
   other. The parent also samples the summed RSS of the whole process tree with psutil every
-  50 ms ("tree GiB"), which catches worker processes that ru_maxrss would report singly.
+  50 ms ("tree GiB"), which catches worker processes that ru_maxrss would report singly, and
+  its anonymous part ("anon GiB" = RSS - file-backed/shared pages): RSS counts the pages of
+  mmapped inputs (mergekit/safetensors mmap), which the kernel can drop under pressure.
 * Wall time includes a final sync(), so every tool pays for getting its output to disk.
 * Ratios are computed between runs of the same invocation, on the same machine and disk
   state, never against numbers from elsewhere.
@@ -151,15 +153,17 @@ def measure(name: str, cmd: list[str], python: str) -> dict:
     res_path.unlink(missing_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([python, "-c", WRAPPER, str(res_path), *cmd], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        wrapper, tree_peak = psutil.Process(proc.pid), 0
+        wrapper, tree_peak, anon_peak = psutil.Process(proc.pid), 0, 0
         while proc.poll() is None:
             try:
-                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in wrapper.children(recursive=True)))
+                mems = [p.memory_info() for p in wrapper.children(recursive=True)]
+                tree_peak = max(tree_peak, sum(m.rss for m in mems))
+                anon_peak = max(anon_peak, sum(m.rss - m.shared for m in mems))
             except psutil.Error:
                 pass
             time.sleep(0.05)
     res = json.loads(res_path.read_text()) if res_path.exists() else {"rc": proc.returncode}
-    res.update(tree_peak_bytes=tree_peak, log=str(log_path.relative_to(ROOT)), cmd=cmd)
+    res.update(tree_peak_bytes=tree_peak, anon_peak_bytes=anon_peak, log=str(log_path.relative_to(ROOT)), cmd=cmd)
     if res.get("rc") != 0:
         print(f"  {name} FAILED (rc={res.get('rc')}), see {res['log']}:", file=sys.stderr)
         print("    " + "\n    ".join(log_path.read_text().splitlines()[-15:]), file=sys.stderr)
@@ -232,7 +236,7 @@ def main() -> int:
     ok = {t: r for t, r in results.items() if r.get("rc") == 0}
     print(f"\ninputs: {len(files)} files, {in_bytes / GIB:.2f} GiB; machine RAM {psutil.virtual_memory().total / GIB:.1f} GiB, "
           f"{os.cpu_count()} CPUs; wall includes sync, cold page cache")
-    head = f"{'tool':<9} {'method':<16} {'ram':>5} {'wall s':>8} {'peak GiB':>9} {'tree GiB':>9} {'x mergekit':>10} {'x raw':>6} {'rss/ram':>8}"
+    head = f"{'tool':<9} {'method':<16} {'ram':>5} {'wall s':>8} {'peak GiB':>9} {'tree GiB':>9} {'anon GiB':>9} {'x mergekit':>10} {'x raw':>6} {'rss/ram':>8}"
     print(head + "\n" + "-" * len(head))
     for tool, r in results.items():
         if r.get("rc") != 0:
@@ -245,7 +249,7 @@ def main() -> int:
         r["rss_over_budget"] = rss / budget if tool == "mergeng" else None
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         print(f"{tool:<9} {args.method:<16} {args.ram if tool == 'mergeng' else '-':>5} {r['wall_s']:>8.1f} "
-              f"{r['peak_rss_gib']:>9.2f} {r['tree_peak_bytes'] / GIB:>9.2f} {fmt(r['x_mergekit'], '10.2f'):>10} "
+              f"{r['peak_rss_gib']:>9.2f} {r['tree_peak_bytes'] / GIB:>9.2f} {r['anon_peak_bytes'] / GIB:>9.2f} {fmt(r['x_mergekit'], '10.2f'):>10} "
               f"{fmt(r['x_raw'], '6.2f'):>6} {fmt(r['rss_over_budget'], '8.2f'):>8}")
 
     comparison = None

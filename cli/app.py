@@ -24,6 +24,7 @@ out = Console()
 
 RamOption = typer.Option(None, "--ram", help="Peak RSS ceiling for the whole process, e.g. 2G, 512M, 64G (binary units). Default: 80% of available memory.")
 DebugOption = typer.Option(False, "--debug", help="Show tracebacks.")
+MaxUnitOption = typer.Option(None, "--max-unit", help="Largest working set of one unit of work (e.g. 64M); smaller units mean more row chunks.", hidden=True)
 
 
 def _fail(e: BaseException, debug: bool) -> None:
@@ -50,6 +51,7 @@ def run(
     shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard (decimal units as transformers uses: 5G = 5e9 bytes)."),
     workers: int = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over."),
+    max_unit: Optional[str] = MaxUnitOption,
     debug: bool = DebugOption,
 ):
     """Merge the models of RECIPE into a Hugging Face model folder.
@@ -61,7 +63,7 @@ def run(
     from .progress import MergeProgress
 
     try:
-        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers)
+        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit))
         target = out_dir or Path("merged") / recipe.stem
         for w in prepared.plan.warnings:
             console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
@@ -76,6 +78,13 @@ def run(
     resumed = " (resumed)" if profile["resumed"] else ""
     console.print(f"[green]merged[/green] into {target}{resumed}: peak RSS {format_size(profile['peak_rss_bytes'])} "
                   f"of {format_size(profile['ram_budget_bytes'])} budget", highlight=False)
+
+
+def _max_unit(text: Optional[str]) -> int:
+    from ..engine.memory import parse_size
+    from ..engine.scheduler import MAX_UNIT_BYTES
+
+    return parse_size(text, "--max-unit") if text else MAX_UNIT_BYTES
 
 
 def _decimal_size(text: str) -> int:
@@ -94,6 +103,7 @@ def plan(
     shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
     workers: int = typer.Option(2, "--workers", help="Worker threads."),
     fmt: str = typer.Option("text", "--format", help="text, json or dot."),
+    max_unit: Optional[str] = MaxUnitOption,
     debug: bool = DebugOption,
 ):
     """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
@@ -104,7 +114,7 @@ def plan(
     from .plan_view import plan_summary, render_dot, render_text
 
     try:
-        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers)
+        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit))
         if fmt == "json":
             out.print_json(json.dumps(plan_summary(prepared)))
         elif fmt == "dot":

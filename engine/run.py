@@ -19,7 +19,7 @@ from .journal import STATE_DIR, Journal, finished_rows
 from .memory import RssSampler, current_rss, default_budget, return_freed_memory_to_os, trim_heap
 from .merge_plan import MergePlan, build_plan, open_sources
 from .recipe import load_recipe
-from .scheduler import Schedule, make_schedule, require_feasible
+from .scheduler import MAX_UNIT_BYTES, Schedule, make_schedule, require_feasible
 from .writer import DEFAULT_SHARD_SIZE, ShardLayout, ShardWriter
 
 
@@ -31,7 +31,8 @@ class Prepared:
     recipe_text: str
 
 
-def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2) -> Prepared:
+def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2,
+            max_unit_bytes: int = MAX_UNIT_BYTES) -> Prepared:
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
     sources = open_sources(recipe, recipe_path.parent)
@@ -39,7 +40,7 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
     layout = ShardLayout([t.output for t in plan.tasks], shard_size)
     trim_heap()
     baseline = current_rss()
-    schedule = make_schedule(plan.tasks, budget or default_budget(), baseline, workers)
+    schedule = make_schedule(plan.tasks, budget or default_budget(), baseline, workers, max_unit_bytes)
     return Prepared(plan, schedule, layout, recipe_path.read_text())
 
 

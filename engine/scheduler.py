@@ -97,10 +97,11 @@ def row_cost(task: TensorTask, apply: bool = True) -> int:
     return cost
 
 
-def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: int = 2) -> Schedule:
+def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: int = 2,
+                  max_unit_bytes: int = MAX_UNIT_BYTES) -> Schedule:
     work_budget = budget - baseline - RESERVE_BYTES
     min_budget = baseline + RESERVE_BYTES + max((row_cost(t) for t in tasks), default=0)
-    unit_budget = min(max(work_budget // workers, 1), MAX_UNIT_BYTES)
+    unit_budget = min(max(work_budget // workers, 1), max_unit_bytes)
     order = sorted(range(len(tasks)), key=lambda i: _disk_position(tasks[i]))
     units: list[WorkUnit] = []
     chunk_rows: list[int] = [0] * len(tasks)

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny Llama-shaped models the tests build themselves (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mergeng.engine.tiny_models import TINY, make_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Three float32 variants (base, a, b) and a bfloat16 set, sharded into several files."""
+    root = tmp_path_factory.mktemp("models")
+    models = {}
+    for k, name in enumerate(("base", "a", "b")):
+        models[name] = make_llama(root / name, TINY, variant=k, shard_size=60_000)
+        models[name + "_bf16"] = make_llama(root / (name + "_bf16"), TINY, variant=k, dtype="bfloat16")
+    return models
+
+
+def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
