@@ -101,7 +101,7 @@ worst = max(errs, key=errs.get) if errs else None
 print(json.dumps({"tensors": len(errs), "only_mergeng": sorted(set(a) - set(b)), "only_mergekit": sorted(set(b) - set(a)),
     "shape_mismatch": bad, "worst_tensor": worst, "worst_rel_err": errs.get(worst),
     "within_bf16_ulp": sum(e <= 2**-7 for e in errs.values()), "exact": sum(e == 0 for e in errs.values()),
-    "dtypes": sorted({str(a[k].get_slice(k).get_dtype()) for k in errs})}))
+    "dtypes": sorted({f"{a[k].get_slice(k).get_dtype()}/{b[k].get_slice(k).get_dtype()}" for k in errs})}))
 """
 
 
@@ -190,6 +190,21 @@ def find_mergekit(arg: str | None) -> str | None:
     return None
 
 
+def compare(ours: Path, ref: Path, python: str) -> dict | None:
+    out = subprocess.run([python, "-c", COMPARE, str(ours), str(ref)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        print("compare failed:\n" + out.stderr[-2000:], file=sys.stderr)
+        return None
+    c = json.loads(out.stdout)
+    print(f"\ncompare mergeng vs mergekit: {c['tensors']} common tensors, {c['exact']} identical, "
+          f"{c['within_bf16_ulp']} within one bf16 ulp (rel err <= 2^-7); worst {c['worst_tensor']} "
+          f"rel err {c['worst_rel_err']:.3g}; dtypes ours/mergekit {c['dtypes']}")
+    for key in ("only_mergeng", "only_mergekit", "shape_mismatch"):
+        if c[key]:
+            print(f"  {key}: {c[key][:5]}{' ...' if len(c[key]) > 5 else ''} ({len(c[key])})")
+    return c
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", default="linear", choices=["linear", "task_arithmetic", "slerp", "ties"])
@@ -210,28 +225,26 @@ def main() -> int:
     files = input_files()
     n0 = len(list(MODELS[0].glob("*.safetensors")))
     in_bytes = sum(p.stat().st_size for p in files)
+    raw_out = BENCH / "out" / "raw-copy.bin"
+    raw_out.parent.mkdir(parents=True, exist_ok=True)
+    mk = find_mergekit(args.mergekit)
+    commands = {
+        "raw": [args.python, "-c", RAW, str(raw_out), str(n0), *map(str, files)],
+        "mergeng": [args.mergeng, "run", str(recipe), "-o", str(outs["mergeng"]), "--ram", args.ram],
+        "mergekit": [mk, str(recipe), str(outs["mergekit"]), *args.mergekit_flags.split()],
+    }
     results: dict[str, dict] = {}
-
-    if "raw" in tools:
-        raw_out = BENCH / "out" / "raw-copy.bin"
-        raw_out.parent.mkdir(parents=True, exist_ok=True)
-        print("raw I/O baseline ...", flush=True)
-        results["raw"] = measure("raw", [args.python, "-c", RAW, str(raw_out), str(n0), *map(str, files)], args.python)
-        raw_out.unlink(missing_ok=True)
-    if "mergeng" in tools:
-        shutil.rmtree(outs["mergeng"], ignore_errors=True)
-        print(f"mergeng {args.method} --ram {args.ram} ...", flush=True)
-        results["mergeng"] = measure(f"mergeng-{args.method}", [args.mergeng, "run", str(recipe), "-o", str(outs["mergeng"]),
-                                                                "--ram", args.ram], args.python)
-    if "mergekit" in tools:
-        mk = find_mergekit(args.mergekit)
-        if mk is None:
+    for tool in ("raw", "mergeng", "mergekit"):
+        if tool not in tools:
+            continue
+        if tool == "mergekit" and mk is None:
             print("note: mergekit-yaml not found (--mergekit, $MERGEKIT_YAML, /work/mkvenv); skipping it")
-        else:
-            shutil.rmtree(outs["mergekit"], ignore_errors=True)
-            print(f"mergekit {args.method} ...", flush=True)
-            results["mergekit"] = measure(f"mergekit-{args.method}", [mk, str(recipe), str(outs["mergekit"]),
-                                                                      *args.mergekit_flags.split()], args.python)
+            continue
+        if tool in outs:
+            shutil.rmtree(outs[tool], ignore_errors=True)
+        print(f"{tool} {args.method} ...", flush=True)
+        results[tool] = measure(f"{tool}-{args.method}", commands[tool], args.python)
+    raw_out.unlink(missing_ok=True)
 
     ok = {t: r for t, r in results.items() if r.get("rc") == 0}
     print(f"\ninputs: {len(files)} files, {in_bytes / GIB:.2f} GiB; machine RAM {psutil.virtual_memory().total / GIB:.1f} GiB, "
@@ -253,23 +266,10 @@ def main() -> int:
               f"{fmt(r['x_raw'], '6.2f'):>6} {fmt(r['rss_over_budget'], '8.2f'):>8}")
 
     comparison = None
-    if args.compare:
-        if "mergeng" in ok and "mergekit" in ok:
-            out = subprocess.run([args.python, "-c", COMPARE, str(outs["mergeng"]), str(outs["mergekit"])],
-                                 capture_output=True, text=True, cwd=ROOT)
-            if out.returncode == 0:
-                comparison = json.loads(out.stdout)
-                c = comparison
-                print(f"\ncompare mergeng vs mergekit: {c['tensors']} common tensors, {c['exact']} identical, "
-                      f"{c['within_bf16_ulp']} within one bf16 ulp (rel err <= 2^-7); worst {c['worst_tensor']} "
-                      f"rel err {c['worst_rel_err']:.3g}; dtypes {c['dtypes']}")
-                for key in ("only_mergeng", "only_mergekit", "shape_mismatch"):
-                    if c[key]:
-                        print(f"  {key}: {c[key][:5]}{' ...' if len(c[key]) > 5 else ''} ({len(c[key])})")
-            else:
-                print("compare failed:\n" + out.stderr[-2000:], file=sys.stderr)
-        else:
-            print("\ncompare skipped: needs successful mergeng and mergekit runs")
+    if args.compare and {"mergeng", "mergekit"} <= set(ok):
+        comparison = compare(outs["mergeng"], outs["mergekit"], args.python)
+    elif args.compare:
+        print("\ncompare skipped: needs successful mergeng and mergekit runs")
 
     path = BENCH / f"results-{args.method}-{args.ram}.json"
     path.write_text(json.dumps({"method": args.method, "ram": args.ram, "ram_bytes": budget, "input_bytes": in_bytes,

@@ -130,6 +130,24 @@ def plan(
 
 
 @app.command()
+def verify(
+    out_dir: Path = typer.Argument(..., help="A folder written by `mergeng run`."),
+    debug: bool = DebugOption,
+):
+    """Re-read a merged folder and check every tensor against the journal's checksums and the index.
+
+    Example: mergeng verify merged/my-model
+    """
+    from ..engine.verify import verify_output
+
+    try:
+        checked = verify_output(out_dir)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, debug)
+    console.print(f"[green]ok:[/green] {checked} chunks match their checksums in {out_dir}", highlight=False)
+
+
+@app.command()
 def methods():
     """List every merge method with its parameters and defaults."""
     from .plan_view import render_methods

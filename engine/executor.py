@@ -102,9 +102,11 @@ class Executor:
         self.stopping = threading.Event()
         self.done: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
+        self.units_run = 0
 
     def run(self, finished: dict[tuple[str, int, int], int]) -> None:
         units = [u for u in self.schedule.units if not self._skip(u, finished)]
+        self.units_run = len(units)
         states = self._states(units)
         remaining = defaultdict(int)  # shard -> apply units still to write
         for u in units:

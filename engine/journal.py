@@ -68,12 +68,17 @@ class Journal:
         self.db.close()
 
 
-def finished_rows(chunks: dict[tuple[str, int, int], int], tensor: str, rows: int) -> bool:
-    """Do the recorded chunks of `tensor` cover all its rows?"""
-    ranges = sorted((a, b) for (t, a, b) in chunks if t == tensor)
-    pos = 0
-    for a, b in ranges:
-        if a > pos:
-            return False
-        pos = max(pos, b)
-    return pos >= rows
+def covered_rows(chunks: dict[tuple[str, int, int], int]) -> dict[str, int]:
+    """For each tensor, how many leading rows the recorded chunks cover without a gap."""
+    by_tensor: dict[str, list[tuple[int, int]]] = {}
+    for tensor, a, b in chunks:
+        by_tensor.setdefault(tensor, []).append((a, b))
+    covered = {}
+    for tensor, ranges in by_tensor.items():
+        pos = 0
+        for a, b in sorted(ranges):
+            if a > pos:
+                break
+            pos = max(pos, b)
+        covered[tensor] = pos
+    return covered

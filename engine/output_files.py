@@ -14,6 +14,8 @@ TOKENIZER_FILES = (
     "generation_config.json", "preprocessor_config.json", "processor_config.json",
 )
 
+OUTPUT_FILES = ("config.json", "README.md", "mergeng_recipe.yml", "model.safetensors.index.json")
+
 
 def tokenizer_donor(plan: MergePlan) -> Path:
     """Folder whose tokenizer and generation files are copied: tokenizer_source, else base, else first."""

@@ -15,7 +15,7 @@ from typing import Callable
 from .. import __version__
 from .errors import MergeError
 from .executor import Executor
-from .journal import STATE_DIR, Journal, finished_rows
+from .journal import STATE_DIR, Journal, covered_rows
 from .memory import RssSampler, current_rss, default_budget, return_freed_memory_to_os, trim_heap
 from .merge_plan import MergePlan, build_plan, open_sources
 from .recipe import load_recipe
@@ -58,7 +58,7 @@ def fingerprint(prepared: Prepared) -> dict:
         "engine": __version__,
         "recipe": prepared.recipe_text,
         "inputs": h.hexdigest(),
-        "layout": [(s.file_name, s.size) for s in prepared.layout.shards],
+        "layout": [[s.file_name, s.size] for s in prepared.layout.shards],
     }
 
 
@@ -67,12 +67,9 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
     """Merge into `out_dir`, resuming a matching interrupted run; returns measured figures."""
     require_feasible(prepared.schedule)
     out_dir = Path(out_dir)
-    if fresh and out_dir.exists():
-        shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-        for shard in prepared.layout.shards:
-            for p in (out_dir / shard.file_name, out_dir / (shard.file_name + ".partial")):
-                p.unlink(missing_ok=True)
     _refuse_foreign_folder(out_dir)
+    if fresh:
+        clear_previous_output(out_dir)
     journal = Journal(out_dir)
     fp = fingerprint(prepared)
     previous = journal.fingerprint()
@@ -88,7 +85,8 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
     finished = _drop_lost_shards(prepared, out_dir, journal, finished)
     writer.open(resume=resuming)
     tasks = prepared.plan.tasks
-    done_bytes = sum(t.output.nbytes for t in tasks if finished_rows(finished, t.output.name, t.output.rows))
+    covered = covered_rows(finished)
+    done_bytes = sum(covered.get(t.output.name, 0) * t.output.row_bytes for t in tasks)
     if on_start:
         on_start(done_bytes)
     return_freed_memory_to_os()
@@ -109,6 +107,8 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
         "ram_budget_bytes": prepared.schedule.budget,
         "baseline_bytes": prepared.schedule.baseline,
         "resumed": resuming,
+        "units_total": len(prepared.schedule.units),
+        "units_run": executor.units_run,
         "timeline": sampler.timeline,
     }
     (out_dir / STATE_DIR / "profile.json").write_text(json.dumps(profile))
@@ -120,6 +120,19 @@ def _refuse_foreign_folder(out_dir: Path) -> None:
     """Never write into a non-empty folder that is not a mergeng output."""
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / STATE_DIR).exists():
         raise MergeError(f"output folder {out_dir} is not empty and holds no mergeng run; choose another --out")
+
+
+def clear_previous_output(out_dir: Path) -> None:
+    """--fresh: remove what an earlier mergeng run wrote here (only in a mergeng output folder)."""
+    from .output_files import OUTPUT_FILES, TOKENIZER_FILES
+
+    if not (out_dir / STATE_DIR).exists():
+        return
+    shutil.rmtree(out_dir / STATE_DIR)
+    for p in out_dir.glob("model*.safetensors*"):
+        p.unlink()
+    for name in TOKENIZER_FILES + OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def _drop_lost_shards(prepared: Prepared, out_dir: Path, journal: Journal, finished: dict) -> dict:
