@@ -33,6 +33,7 @@ Results: a table on stdout and `.bench/results-<method>-<ram>.json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -47,7 +48,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".bench"
 MODELS = [BENCH / "models" / f"llama1b-v{k}" for k in range(3)]
 GIB = 2**30
-CHUNK = 16 * 2**20
 
 BUILD = ("import sys; from mergeng.engine.tiny_models import make_llama, BENCH_1B; "
          "make_llama(sys.argv[1], BENCH_1B, variant=int(sys.argv[2]), dtype='bfloat16', shard_size=2*10**9)")
@@ -84,18 +84,14 @@ import json, sys
 from pathlib import Path
 from safetensors import safe_open
 def open_all(d):
-    out = {}
-    for p in sorted(Path(d).glob("*.safetensors")):
-        f = safe_open(str(p), "pt")
-        out.update({k: f for k in f.keys()})
-    return out
+    return {k: f for p in sorted(Path(d).glob("*.safetensors")) for f in [safe_open(str(p), "pt")] for k in f.keys()}
 a, b = open_all(sys.argv[1]), open_all(sys.argv[2])
 errs, bad = {}, []
 for k in sorted(set(a) & set(b)):
     x, y = a[k].get_tensor(k), b[k].get_tensor(k)
     if x.shape != y.shape:
         bad.append(f"{k}: shape {tuple(x.shape)} vs {tuple(y.shape)}"); continue
-    x, y = x.double(), y.double()
+    x, y = x.float(), y.float()
     errs[k] = (x - y).abs().max().item() / max(y.abs().max().item(), 1e-30)
 worst = max(errs, key=errs.get) if errs else None
 print(json.dumps({"tensors": len(errs), "only_mergeng": sorted(set(a) - set(b)), "only_mergekit": sorted(set(b) - set(a)),
@@ -133,16 +129,10 @@ def build_models(python: str) -> None:
 def drop_caches() -> None:
     os.sync()
     for p in input_files():
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("1\n")
-    except OSError:
-        pass
+        with open(p, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
 
 
 def measure(name: str, cmd: list[str], python: str) -> dict:
@@ -172,15 +162,15 @@ def measure(name: str, cmd: list[str], python: str) -> dict:
 
 def recipe_yaml(method: str) -> str:
     m = [str(p) for p in MODELS]
+    tail = f"merge_method: {method}\nbase_model: {m[0]}\n"
     if method == "linear":
         body = "".join(f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(m, (1.0, 0.5, 0.5)))
         return f"models:\n{body}merge_method: linear\ndtype: bfloat16\n"
     if method == "slerp":
-        return (f"models:\n  - model: {m[0]}\n  - model: {m[1]}\nmerge_method: slerp\nbase_model: {m[0]}\n"
-                "parameters: {t: 0.5}\ndtype: bfloat16\n")
+        return f"models:\n  - model: {m[0]}\n  - model: {m[1]}\n{tail}parameters: {{t: 0.5}}\ndtype: bfloat16\n"
     extra = ", density: 0.5" if method == "ties" else ""
     body = "".join(f"  - model: {p}\n    parameters: {{weight: 0.5{extra}}}\n" for p in m[1:])
-    return f"models:\n{body}merge_method: {method}\nbase_model: {m[0]}\ndtype: bfloat16\n"
+    return f"models:\n{body}{tail}dtype: bfloat16\n"
 
 
 def find_mergekit(arg: str | None) -> str | None:
@@ -233,15 +223,12 @@ def main() -> int:
         "mergeng": [args.mergeng, "run", str(recipe), "-o", str(outs["mergeng"]), "--ram", args.ram],
         "mergekit": [mk, str(recipe), str(outs["mergekit"]), *args.mergekit_flags.split()],
     }
+    if "mergekit" in tools and mk is None:
+        print("note: mergekit-yaml not found (--mergekit, $MERGEKIT_YAML, /work/mkvenv); skipping it")
+        tools.remove("mergekit")
     results: dict[str, dict] = {}
-    for tool in ("raw", "mergeng", "mergekit"):
-        if tool not in tools:
-            continue
-        if tool == "mergekit" and mk is None:
-            print("note: mergekit-yaml not found (--mergekit, $MERGEKIT_YAML, /work/mkvenv); skipping it")
-            continue
-        if tool in outs:
-            shutil.rmtree(outs[tool], ignore_errors=True)
+    for tool in [t for t in ("raw", "mergeng", "mergekit") if t in tools]:
+        shutil.rmtree(outs.get(tool, raw_out), ignore_errors=True)
         print(f"{tool} {args.method} ...", flush=True)
         results[tool] = measure(f"{tool}-{args.method}", commands[tool], args.python)
     raw_out.unlink(missing_ok=True)
@@ -273,9 +260,8 @@ def main() -> int:
 
     path = BENCH / f"results-{args.method}-{args.ram}.json"
     path.write_text(json.dumps({"method": args.method, "ram": args.ram, "ram_bytes": budget, "input_bytes": in_bytes,
-                                "cpus": os.cpu_count(), "machine_ram_bytes": psutil.virtual_memory().total,
-                                "results": results, "compare": comparison, "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                               indent=2))
+                                "cpus": os.cpu_count(), "machine_ram_bytes": psutil.virtual_memory().total, "results": results,
+                                "compare": comparison, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
     print(f"\nwrote {path.relative_to(ROOT)}")
     return 0 if all(r.get("rc") == 0 for r in results.values()) else 1
 

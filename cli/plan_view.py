@@ -11,15 +11,7 @@ from ..architectures.layout import find_layer_stacks, parse_layer_name
 from ..engine.graph import build_graph
 from ..engine.memory import format_size
 from ..engine.run import Prepared
-
-
-def read_bytes(prepared: Prepared) -> int:
-    """Exact bytes the run reads: every input row range of every unit (statistics passes re-read)."""
-    tasks = prepared.plan.tasks
-    total = 0
-    for u in prepared.schedule.units:
-        total += sum(info.row_bytes * u.rows for _, info in tasks[u.task].all_inputs)
-    return total
+from ..engine.scheduler import read_bytes
 
 
 def plan_summary(prepared: Prepared) -> dict:
@@ -30,7 +22,7 @@ def plan_summary(prepared: Prepared) -> dict:
         "ram_budget_bytes": s.budget,
         "min_ram_bytes": s.min_budget,
         "baseline_bytes": s.baseline,
-        "read_bytes": read_bytes(prepared),
+        "read_bytes": read_bytes(plan.tasks),
         "write_bytes": prepared.layout.total_bytes,
         "tensors": len(plan.tasks),
         "shards": [{"file": sh.file_name, "bytes": sh.size, "tensors": len(sh.tensors)} for sh in prepared.layout.shards],

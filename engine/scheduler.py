@@ -101,6 +101,8 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
                   max_unit_bytes: int = MAX_UNIT_BYTES) -> Schedule:
     work_budget = budget - baseline - RESERVE_BYTES
     min_budget = baseline + RESERVE_BYTES + max((row_cost(t) for t in tasks), default=0)
+    if budget < min_budget:  # nothing can run; the plan reports the smallest budget that works
+        return Schedule([], [t.output.rows for t in tasks], budget, baseline, workers, min_budget, min_budget)
     unit_budget = min(max(work_budget // workers, 1), max_unit_bytes)
     order = sorted(range(len(tasks)), key=lambda i: _disk_position(tasks[i]))
     units: list[WorkUnit] = []
@@ -123,6 +125,15 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
                 units.append(WorkUnit(i, p, start, stop, (stop - start) * row_cost(task, apply)))
     peak = baseline + RESERVE_BYTES + _peak_live(units, workers, work_budget)
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes)
+
+
+def read_bytes(tasks: list[TensorTask]) -> int:
+    """Exact bytes a run reads: every input's rows, once per pass (statistics passes re-read)."""
+    total = 0
+    for task in tasks:
+        passes = len(task.method.statistics) + 1
+        total += passes * sum(info.row_bytes * task.output.rows for _, info in task.all_inputs)
+    return total
 
 
 def _disk_position(task: TensorTask) -> tuple[str, int]:

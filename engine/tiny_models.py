@@ -32,6 +32,7 @@ class LlamaShape:
 
 TINY = LlamaShape()
 BENCH_1B = LlamaShape(2048, 20, 32, 4, 5632, 32000)
+LLAMA3_70B = LlamaShape(8192, 80, 64, 8, 28672, 128256)
 
 
 def llama_tensors(shape: LlamaShape) -> list[tuple[str, tuple[int, ...]]]:
@@ -111,6 +112,23 @@ def write_tokenizer(out: Path, vocab_size: int) -> None:
         "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": 256,
     }, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2))
+
+
+def make_sparse_llama(out: str | Path, shape: LlamaShape, *, dtype: str = "bfloat16", shard_size: int = 5 * 10**9) -> Path:
+    """A model folder whose shards are headers followed by holes: full-size files that take no disk.
+
+    For planning tests at 70B scale; reading them yields zeros."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = RECIPE_DTYPES[dtype]
+    layout = ShardLayout([OutputTensor(n, torch_dtype, s) for n, s in llama_tensors(shape)], shard_size)
+    writer = ShardWriter(layout, out)
+    writer.open()  # header written, file truncated to its full size
+    for shard in layout.shards:
+        writer.finish_shard(shard)
+    writer.write_index()
+    (out / "config.json").write_text(json.dumps(llama_config(shape, dtype_name(torch_dtype)), indent=2))
+    return out
 
 
 def make_llama(out: str | Path, shape: LlamaShape = TINY, *, seed: int = 0, variant: int = 0,
