@@ -102,7 +102,8 @@ def plan(
     ram: Optional[str] = RamOption,
     shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
     workers: int = typer.Option(2, "--workers", help="Worker threads."),
-    fmt: str = typer.Option("text", "--format", help="text, json or dot."),
+    fmt: str = typer.Option("text", "--format", help="text, json, dot (Graphviz) or html (a self-contained page)."),
+    profile: Optional[Path] = typer.Option(None, "--profile", help="With --format html: overlay the measured RSS of a finished run in this output folder."),
     max_unit: Optional[str] = MaxUnitOption,
     debug: bool = DebugOption,
 ):
@@ -111,7 +112,8 @@ def plan(
     Example: mergeng plan configs/linear.yml --ram 2G --format json
     """
     from ..engine.run import prepare
-    from .plan_view import plan_summary, render_dot, render_text
+    from .plan_html import render_html
+    from .plan_view import plan_summary, render_dot, render_text, with_estimate
 
     try:
         prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit))
@@ -119,10 +121,13 @@ def plan(
             out.print_json(json.dumps(plan_summary(prepared)))
         elif fmt == "dot":
             print(render_dot(prepared))
+        elif fmt == "html":
+            summary, predicted = with_estimate(prepared, plan_summary(prepared))
+            print(render_html(prepared, summary, predicted, profile))
         elif fmt == "text":
             render_text(prepared, out)
         else:
-            raise MergeError(f"--format: unknown format '{fmt}' (text, json, dot)")
+            raise MergeError(f"--format: unknown format '{fmt}' (text, json, dot, html)")
     except Exception as e:  # noqa: BLE001
         _fail(e, debug)
     if not prepared.schedule.feasible:

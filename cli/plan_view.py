@@ -34,8 +34,17 @@ def plan_summary(prepared: Prepared) -> dict:
     }
 
 
+def with_estimate(prepared: Prepared, summary: dict) -> tuple[dict, list]:
+    """Add the estimated run time (from a quick speed probe) and return the predicted timeline."""
+    from ..engine.timeline import measure_speeds, simulate
+
+    first = next(iter(prepared.plan.sources.values())).files[0]
+    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first)))
+    return {**summary, "estimated_seconds": round(seconds, 2)}, points
+
+
 def render_text(prepared: Prepared, console: Console) -> None:
-    summary = plan_summary(prepared)
+    summary, _ = with_estimate(prepared, plan_summary(prepared))
     plan = prepared.plan
     console.print(f"[bold]merge[/bold] {plan.recipe.merge_method} of {len(plan.sources)} models → {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
     inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")
@@ -61,6 +70,7 @@ def render_text(prepared: Prepared, console: Console) -> None:
     chunked = summary["chunked_tensors"]
     if chunked:
         console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+    console.print(f"estimated time: {summary['estimated_seconds']:.0f} s (from a quick disk and compute probe)")
     for w in summary["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")
 

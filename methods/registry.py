@@ -91,8 +91,22 @@ class MergeMethod:
         return kwargs
 
     def __call__(self, base, tensors, params: dict[str, Any], ctx: MergeContext, stats=None) -> Tensor:
-        """Merge (a row chunk of) one tensor; `params` holds global and per-model values by recipe name."""
+        """Merge (a row chunk of) one tensor; `params` holds global and per-model values by recipe name.
+
+        `stats=None` for a method with statistics and a call holding the whole tensor: the passes
+        run here first, on the same inputs (one chunk's partials are the combined statistics).
+        """
+        if stats is None and self.statistics:
+            stats = self.whole_tensor_statistics(base, tensors, params, ctx)
         return self.function(**self._arguments(base, tensors, params, ctx, stats))
+
+    def whole_tensor_statistics(self, base, tensors, params: dict[str, Any], ctx: MergeContext) -> dict[str, Tensor]:
+        if (ctx.row_start, ctx.row_stop) != (0, ctx.rows):
+            return {}  # a row chunk: statistics must come from the engine's passes over every chunk
+        stats: dict[str, Tensor] = {}
+        for index in range(len(self.statistics)):
+            stats = {**stats, **self.statistics_pass(index, base, tensors, params, ctx, stats)}
+        return stats
 
     def statistics_pass(self, index: int, base, tensors, params: dict[str, Any], ctx: MergeContext, stats) -> dict[str, Tensor]:
         kwargs = self._arguments(base, tensors, params, ctx, stats)

@@ -15,9 +15,9 @@ from conftest import write_recipe
 from helpers import cli
 from mergeng.engine.tiny_models import LlamaShape, make_llama
 
-MEDIUM = LlamaShape(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                    intermediate_size=768, vocab_size=4096)
-RUN_ARGS = ("--max-unit", "48K", "--shard-size", "2M", "--workers", "1")
+MEDIUM = LlamaShape(hidden_size=256, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=768, vocab_size=8192)
+RUN_ARGS = ("--max-unit", "24K", "--shard-size", "4M", "--workers", "1")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,9 @@ def interrupt_midway(proc, out, sig):
         time.sleep(0.01)
     assert proc.poll() is None, "the merge finished before it could be interrupted"
     proc.send_signal(sig)
-    return proc.communicate(timeout=60)
+    result = proc.communicate(timeout=60)
+    assert not (out / "config.json").exists(), "the merge finished before the signal arrived"
+    return result
 
 
 def test_kill_minus_9_then_rerun_is_byte_identical_and_redoes_no_finished_chunk(tmp_path, medium):
@@ -146,6 +148,7 @@ def test_resume_with_a_different_budget_still_gives_identical_bytes(tmp_path, me
     out = tmp_path / "out"
     proc = start_run(recipe, out)
     interrupt_midway(proc, out, signal.SIGKILL)
-    result = cli("run", recipe, "-o", out, "--max-unit", "1M", "--shard-size", "2M")
+    bigger_units = ("--max-unit", "1M") + RUN_ARGS[2:]
+    result = cli("run", recipe, "-o", out, *bigger_units)
     assert result.exit_code == 0, result.output
     assert shard_bytes(out) == shard_bytes(reference)

@@ -1,0 +1,236 @@
+"""Exact rank selection over row chunks: radix selection on order-preserving 32-bit keys.
+
+TIES keeps the top k of |δ|, breadcrumbs a band of ranks, sce the top k variances and
+arcee_fusion needs quantiles. Sorting a chunk cannot answer "is this element among the top k
+of the whole tensor?", so the answer is built from histograms, which add up exactly over chunks.
+
+Order. A float32 value maps to a key in [0, 2^32) with key order == value order (−0.0 counts
+as +0.0, NaN above +inf); `descending` complements the key so the largest value comes first.
+Elements are totally ordered by (key, flat index): among equal values the lowest flat index
+comes first, as in a stable sort. (mergekit uses torch's unstable CPU sort, whose order among
+equal values is unspecified; for distinct values the selections are the same.)
+
+A *cut* at rank r splits the elements into ranks < r ("below the cut") and the rest:
+top-k is "below the cut at k" in descending order; a band [lo, hi) is below hi and not below lo.
+
+Passes (each is one statistics pass of the method using it, over all row chunks):
+
+    pass 0  histogram of key bits 31..18 (16384 bins), all elements          int64, summed
+    pass 1  per cut: histogram of bits 17..4 of the keys sharing the cut's
+            top 14 bits (16384 bins)                                          int64, summed
+    pass 2  per cut: for each row, how many keys sharing the cut's top 28 bits
+            have each value of bits 3..0 (16 counts per row)                  float, per row
+
+After pass 2 a cut knows its key K, how many K-valued elements lie below it (`ties_before`)
+and how many K-valued elements each row holds, so the apply pass decides "below" for every
+element of a chunk from its key and its position alone. With `sums`, pass 2 also returns per
+row the sum of the values under the cut's 28-bit prefix and per low digit, so Σ(values below
+the cut) is exact up to float64 rounding (L1 rescaling needs the kept mass). Without
+`per_row`, pass 2 is a plain histogram: enough to know K (a quantile's value).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+from .row_sums import row_sums, total
+
+Tensor = torch.Tensor
+
+PASSES = 3
+_TOP_SHIFT = 18
+_MID_SHIFT = 4
+_BINS = 1 << 14
+_LOW_BINS = 16
+NOTHING = -1  # cut key when no element is below (rank <= 0)
+EVERYTHING = 1 << 32  # cut key when every element is below (rank >= n)
+
+
+def order_keys(values: Tensor, descending: bool = False) -> Tensor:
+    """int64 keys in [0, 2^32) whose order is the order of the float32 `values`."""
+    bits = (values + 0.0).view(torch.int32).to(torch.int64)
+    keys = torch.where(bits >= 0, bits + (1 << 31), ((1 << 31) - 1) - torch.bitwise_and(bits, 0x7FFFFFFF))
+    return ((1 << 32) - 1) - keys if descending else keys
+
+
+def key_value(key: int, descending: bool = False) -> float:
+    """The float32 value whose key is `key`."""
+    if descending:
+        key = (1 << 32) - 1 - key
+    bits = key - (1 << 31) if key >= 1 << 31 else (((1 << 31) - 1) - key) | (1 << 31)
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The boundary between ranks < `rank` and the rest."""
+
+    rank: int
+    key: int  # key of the element at `rank`; NOTHING or EVERYTHING for ranks outside [0, n)
+    ties_before: int = 0  # elements with this key below the cut
+    row_ties: Tensor | None = None  # int64 [rows + 1]: elements with this key in the rows before each row
+    sum_below: float | None = None  # Σ values below the cut (with `sums`)
+
+    def value(self, descending: bool = False) -> float:
+        return key_value(self.key, descending)
+
+
+def _locate(hist: Tensor, rank: int) -> tuple[int, int]:
+    """(bin holding the element of `rank`, its rank among that bin's elements)."""
+    cum = torch.cumsum(hist, 0)
+    b = int(torch.searchsorted(cum, torch.tensor([rank], dtype=cum.dtype), right=True)[0])
+    return b, rank - int(cum[b] - hist[b])
+
+
+class RankSelection:
+    """One selection problem: cuts at given ranks through the values of one tensor."""
+
+    def __init__(self, name: str, descending: bool, per_row: bool = True, sums: bool = False):
+        self.name = name
+        self.descending = descending
+        self.per_row = per_row
+        self.sums = sums
+
+    def _key(self, part: str) -> str:
+        return f"{self.name}.{part}"
+
+    # -- statistics passes -------------------------------------------------------------------
+
+    def partial(self, index: int, blocks: Iterable[tuple[int, Tensor]], rows: int, ranks: list[int],
+                stats: dict) -> dict[str, Tensor]:
+        """Pass `index` over one chunk; `blocks` yields (first local row, float32 [block rows, cols] values)."""
+        if index == 0:
+            h0 = torch.zeros(_BINS, dtype=torch.int64)
+            sums = torch.zeros(rows, dtype=torch.float64) if self.sums else None
+            for first, values in blocks:
+                h0 += torch.bincount(torch.bitwise_right_shift(order_keys(values, self.descending), _TOP_SHIFT).reshape(-1),
+                                     minlength=_BINS)
+                if sums is not None:
+                    sums[first:first + values.shape[0]] = row_sums(values.double())
+            return {self._key("h0"): h0, **({self._key("all"): sums} if sums is not None else {})}
+        paths = self._paths(stats, ranks, index)
+        if index == 1:
+            h1 = torch.zeros(len(ranks), _BINS, dtype=torch.int64)
+            for _, values in blocks:
+                keys = order_keys(values, self.descending).reshape(-1)
+                top = torch.bitwise_right_shift(keys, _TOP_SHIFT)
+                for t, path in enumerate(paths):
+                    if path is not None:
+                        mid = torch.bitwise_and(torch.bitwise_right_shift(keys[top == path[0]], _MID_SHIFT), _BINS - 1)
+                        h1[t] += torch.bincount(mid, minlength=_BINS)
+            return {self._key("h1"): h1}
+        return self._last_partial(blocks, rows, paths)
+
+    def _last_partial(self, blocks, rows: int, paths) -> dict[str, Tensor]:
+        cuts = len(paths)
+        if not self.per_row:
+            h2 = torch.zeros(cuts, _LOW_BINS, dtype=torch.int64)
+        else:
+            h2 = torch.zeros(rows, cuts, _LOW_BINS, dtype=torch.float64)
+            below = torch.zeros(rows, cuts, dtype=torch.float64)
+            equal = torch.zeros(rows, cuts, _LOW_BINS, dtype=torch.float64)
+        for first, values in blocks:
+            keys = order_keys(values, self.descending)
+            prefix = torch.bitwise_right_shift(keys, _MID_SHIFT)
+            low = torch.bitwise_and(keys, _LOW_BINS - 1)
+            br = values.shape[0]
+            if self.per_row:
+                slot = torch.arange(br, dtype=torch.int64).unsqueeze(1) * _LOW_BINS + low
+            for t, path in enumerate(paths):
+                if path is None:
+                    continue
+                match = prefix == ((path[0] << 14) | path[1])
+                if not self.per_row:
+                    h2[t] += torch.bincount(low[match], minlength=_LOW_BINS)
+                    continue
+                h2[first:first + br, t] = torch.bincount(slot[match], minlength=br * _LOW_BINS).view(br, _LOW_BINS).double()
+                if self.sums:
+                    v = values.double()
+                    below[first:first + br, t] = row_sums(torch.where(prefix < ((path[0] << 14) | path[1]), v, 0.0))
+                    equal[first:first + br, t] = torch.bincount(slot[match], weights=v[match],
+                                                                minlength=br * _LOW_BINS).view(br, _LOW_BINS)
+        out = {self._key("h2"): h2}
+        if self.per_row and self.sums:
+            out[self._key("lt")] = below
+            out[self._key("eq")] = equal
+        return out
+
+    def _paths(self, stats: dict, ranks: list[int], depth: int) -> list[tuple[int, ...] | None]:
+        """Per cut, the bins found so far and the rank left inside the last one (None: a trivial cut)."""
+        h0 = stats[self._key("h0")]
+        n = int(h0.sum())
+        paths: list[tuple[int, ...] | None] = []
+        for t, r in enumerate(ranks):
+            if r <= 0 or r >= n:
+                paths.append(None)
+                continue
+            b0, r0 = _locate(h0, r)
+            if depth == 1:
+                paths.append((b0, r0))
+                continue
+            b1, r1 = _locate(stats[self._key("h1")][t], r0)
+            paths.append((b0, b1, r1))
+        return paths
+
+    # -- apply pass --------------------------------------------------------------------------
+
+    def total_count(self, stats: dict) -> int:
+        return int(stats[self._key("h0")].sum())
+
+    def cuts(self, stats: dict, ranks: list[int]) -> list[Cut]:
+        """The cuts at `ranks`, from the combined statistics of all three passes."""
+        paths = self._paths(stats, ranks, 2)
+        out = []
+        for t, (r, path) in enumerate(zip(ranks, paths)):
+            if path is None:
+                nothing = r <= 0
+                out.append(Cut(r, NOTHING if nothing else EVERYTHING,
+                               sum_below=(0.0 if nothing else self.sum_all(stats)) if self.sums else None))
+                continue
+            b0, b1, r1 = path
+            h2 = stats[self._key("h2")]
+            if not self.per_row:
+                b2, ties = _locate(h2[t], r1)
+                out.append(Cut(r, (b0 << 18) | (b1 << 4) | b2, ties))
+                continue
+            counts = h2[:, t, :].to(torch.int64)
+            b2, ties = _locate(counts.sum(0), r1)
+            key = (b0 << 18) | (b1 << 4) | b2
+            row_ties = torch.zeros(counts.shape[0] + 1, dtype=torch.int64)
+            torch.cumsum(counts[:, b2], 0, out=row_ties[1:])
+            sum_below = None
+            if self.sums:
+                per_row = stats[self._key("lt")][:, t] + row_sums(stats[self._key("eq")][:, t, :b2]) if b2 else \
+                    stats[self._key("lt")][:, t].clone()
+                sum_below = float(total(per_row)) + ties * key_value(key, self.descending)
+            out.append(Cut(r, key, ties, row_ties, sum_below))
+        return out
+
+    def sum_all(self, stats: dict) -> float:
+        """Σ of all values (with `sums`)."""
+        return float(total(stats[self._key("all")]))
+
+    def below(self, values: Tensor, first_row: int, cut: Cut) -> Tensor:
+        """bool [rows, cols]: which elements of rows [first_row, ...) of the whole tensor lie below `cut`."""
+        if cut.key == NOTHING:
+            return torch.zeros(values.shape, dtype=torch.bool)
+        if cut.key == EVERYTHING:
+            return torch.ones(values.shape, dtype=torch.bool)
+        keys = order_keys(values, self.descending)
+        out = keys < cut.key
+        if cut.ties_before == 0:
+            return out
+        tied = keys == cut.key
+        rows = values.shape[0]
+        before = cut.row_ties[first_row:first_row + rows]
+        after = cut.row_ties[first_row + 1:first_row + rows + 1]
+        out |= tied & (after <= cut.ties_before).unsqueeze(1)
+        split = ((before < cut.ties_before) & (after > cut.ties_before)).nonzero().flatten()
+        for r in split.tolist():  # at most one row holds the cut itself
+            rank_in_row = torch.cumsum(tied[r], 0) - 1  # among this row's tied elements
+            out[r] |= tied[r] & (rank_in_row < cut.ties_before - int(before[r]))
+        return out
