@@ -32,7 +32,7 @@ import torch
 from ..methods.registry import MergeContext
 from .dtypes import COMPUTE_DTYPE
 from .errors import MergeError
-from .journal import Journal
+from .journal import Journal, covered_ranges, is_covered
 from .merge_plan import TensorTask
 from .scheduler import Schedule, WorkUnit, is_plain_copy
 from .source import read_rows
@@ -105,7 +105,8 @@ class Executor:
         self.units_run = 0
 
     def run(self, finished: dict[tuple[str, int, int], int]) -> None:
-        units = [u for u in self.schedule.units if not self._skip(u, finished)]
+        covered = covered_ranges(finished)
+        units = [u for u in self.schedule.units if not self._skip(u, covered)]
         self.units_run = len(units)
         states = self._states(units)
         remaining = defaultdict(int)  # shard -> apply units still to write
@@ -184,14 +185,13 @@ class Executor:
             if exc is None and result is not None:
                 pending.append(result[:4])
 
-    def _skip(self, unit: WorkUnit, finished: dict) -> bool:
+    def _skip(self, unit: WorkUnit, covered: dict[str, list[tuple[int, int]]]) -> bool:
+        """Apply units whose rows are recorded; statistics units of tensors that are wholly recorded."""
         task = self.tasks[unit.task]
-        name = task.output.name
-        apply_index = len(task.method.statistics)
-        if unit.pass_index == apply_index:
-            return (name, unit.row_start, unit.row_stop) in finished
-        chunk = self.schedule.chunk_rows[unit.task]
-        return all((name, a, min(a + chunk, task.output.rows)) in finished for a in range(0, task.output.rows, chunk))
+        ranges = covered.get(task.output.name, [])
+        if unit.pass_index == len(task.method.statistics):
+            return is_covered(ranges, unit.row_start, unit.row_stop)
+        return is_covered(ranges, 0, task.output.rows)
 
     def _states(self, units: list[WorkUnit]) -> dict[int, _TaskState]:
         states: dict[int, _TaskState] = {}

@@ -68,17 +68,27 @@ class Journal:
         self.db.close()
 
 
-def covered_rows(chunks: dict[tuple[str, int, int], int]) -> dict[str, int]:
-    """For each tensor, how many leading rows the recorded chunks cover without a gap."""
+def covered_ranges(chunks: dict[tuple[str, int, int], int]) -> dict[str, list[tuple[int, int]]]:
+    """For each tensor, the disjoint row ranges its recorded chunks cover, in order."""
     by_tensor: dict[str, list[tuple[int, int]]] = {}
     for tensor, a, b in chunks:
         by_tensor.setdefault(tensor, []).append((a, b))
-    covered = {}
+    merged: dict[str, list[tuple[int, int]]] = {}
     for tensor, ranges in by_tensor.items():
-        pos = 0
+        out: list[tuple[int, int]] = []
         for a, b in sorted(ranges):
-            if a > pos:
-                break
-            pos = max(pos, b)
-        covered[tensor] = pos
-    return covered
+            if out and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b))
+            else:
+                out.append((a, b))
+        merged[tensor] = out
+    return merged
+
+
+def is_covered(ranges: list[tuple[int, int]], start: int, stop: int) -> bool:
+    return any(a <= start and stop <= b for a, b in ranges)
+
+
+def covered_rows(chunks: dict[tuple[str, int, int], int]) -> dict[str, int]:
+    """For each tensor, how many rows its recorded chunks cover."""
+    return {t: sum(b - a for a, b in r) for t, r in covered_ranges(chunks).items()}

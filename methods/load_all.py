@@ -1,3 +1,3 @@
 """Importing this module registers every merge method (one import per method module)."""
 
-from . import linear, slerp, task_vectors  # noqa: F401
+from . import arcee_fusion, linear, model_stock, nearswap, ram, sce, slerp, spherical, task_vectors  # noqa: F401

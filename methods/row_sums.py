@@ -78,14 +78,15 @@ def total(v: Tensor) -> Tensor:
 
 # --- Gram matrices: dot products between inputs, per row -------------------------------------
 
-def gram_partial(tensors: list[Tensor]) -> Tensor:
-    """float64 [rows, n, n]: per row, Σ x_i·x_j over the row's elements."""
+def gram_partial(tensors: list[Tensor], minus: Tensor | None = None) -> Tensor:
+    """float64 [rows, n, n]: per row, Σ v_i·v_j over the row's elements, v_i = x_i (− minus, in float32)."""
     views = [as_rows(x) for x in tensors]
+    minus = as_rows(minus) if minus is not None else None
     rows, cols = views[0].shape
     n = len(views)
     out = torch.empty(rows, n, n, dtype=torch.float64)
     for a, b in row_blocks(rows, cols):
-        block = [v[a:b].double() for v in views]
+        block = [(v[a:b] if minus is None else v[a:b] - minus[a:b]).double() for v in views]
         for i in range(n):
             for j in range(i, n):
                 s = row_sums(block[i] * block[j])

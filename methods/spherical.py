@@ -110,22 +110,22 @@ def nuslerp(tensors: list[Tensor], weight: list[float], stats: dict, base: Tenso
 # --- multislerp ---------------------------------------------------------------------------------
 
 
-def _relative(base: Tensor | None, tensors: list[Tensor]) -> list[Tensor]:
-    return tensors if base is None else [x - base for x in tensors]
-
-
 def gram_statistics(tensors: list[Tensor], base: Tensor | None = None, **_) -> dict[str, Tensor]:
     """Per-row float64 Gram matrix of the inputs (minus the base, when there is one)."""
     if len(tensors) == 1:
         return {}
-    return {"gram": gram_partial(_relative(at_least_1d(base), [at_least_1d(x) for x in tensors]))}
+    return {"gram": gram_partial([at_least_1d(x) for x in tensors], minus=at_least_1d(base))}
 
 
 def _combine(tensors: list[Tensor], coefficients: list[float], base: Tensor | None = None) -> Tensor:
-    """Σ c_i·x_i (+ base), in input order."""
-    out = tensors[0] * coefficients[0]
-    for x, c in zip(tensors[1:], coefficients[1:]):
-        out += x * c
+    """base + Σ c_i·(x_i − base) (Σ c_i·x_i without a base), in input order."""
+    out = None
+    for x, c in zip(tensors, coefficients):
+        term = x if base is None else x - base
+        if out is None:
+            out = term * c
+        else:
+            out += term.mul_(c) if base is not None else term * c
     if base is not None:
         out += base
     return out
@@ -149,11 +149,11 @@ def multislerp(tensors: list[Tensor], weight: list[float], stats: dict, ctx: Mer
     mean_norm = float((c @ g @ c).clamp(min=0).sqrt())
     if mean_norm < eps:
         if len(tensors) == 2:  # mergekit: fall back to linear interpolation
-            return _combine(_relative(base, tensors), [float(w[0]), float(w[1])], base)
+            return _combine(tensors, [float(w[0]), float(w[1])], base)
         raise MergeError(f"multislerp: the weighted mean of the unit vectors is zero for tensor '{ctx.tensor_name}' "
                          "(antipodal inputs whose weights cancel); change 'weight'")
     scale = float((norms * w).sum()) * math.cos(eps)
-    return _combine(_relative(base, tensors), (c * (scale / mean_norm)).tolist(), base)
+    return _combine(tensors, (c * (scale / mean_norm)).tolist(), base)
 
 
 # --- karcher ------------------------------------------------------------------------------------
