@@ -118,13 +118,11 @@ def build_models(python: str) -> None:
             continue
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"building {path.name} (~2 GB, once) ...", flush=True)
-        t0 = time.perf_counter()
+        print(f"building {path.name} (~2 GB, once; ~30 s) ...", flush=True)
         subprocess.run([python, "-c", BUILD, str(tmp), str(k)], check=True, cwd=ROOT)
         (tmp / ".complete").touch()
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
-        print(f"  built in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def drop_caches() -> None:
@@ -175,10 +173,8 @@ def recipe_yaml(method: str) -> str:
 
 
 def find_mergekit(arg: str | None) -> str | None:
-    for cand in (arg, os.environ.get("MERGEKIT_YAML"), "/work/mkvenv/bin/mergekit-yaml"):
-        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
-            return cand
-    return None
+    cands = (arg, os.environ.get("MERGEKIT_YAML"), "/work/mkvenv/bin/mergekit-yaml")
+    return next((c for c in cands if c and Path(c).is_file() and os.access(c, os.X_OK)), None)
 
 
 def compare(ours: Path, ref: Path, python: str) -> dict | None:
@@ -217,8 +213,7 @@ def main() -> int:
     files = input_files(MODELS[:2] if args.method == "slerp" else MODELS)  # what the recipe reads
     n0 = len(list(MODELS[0].glob("*.safetensors")))
     in_bytes = sum(p.stat().st_size for p in files)
-    raw_out = BENCH / "out" / "raw-copy.bin"
-    raw_out.parent.mkdir(parents=True, exist_ok=True)
+    (raw_out := BENCH / "out" / "raw-copy.bin").parent.mkdir(parents=True, exist_ok=True)
     mk = find_mergekit(args.mergekit)
     commands = {
         "raw": [args.python, "-c", RAW, str(raw_out), str(n0), *map(str, files)],

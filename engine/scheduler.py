@@ -78,8 +78,9 @@ class Schedule:
 
 
 def is_plain_copy(task: TensorTask) -> bool:
-    """Passthrough at scale 1 into the same dtype: bytes are copied without conversion."""
-    return task.method.name == "passthrough" and task.params.get("scale") == [1.0] and task.inputs[0].dtype == task.output.dtype
+    """Passthrough at scale 1 into the same dtype, unpatched: bytes are copied without conversion."""
+    src = task.inputs[0]
+    return task.method.name == "passthrough" and task.params.get("scale") == [1.0] and src.dtype == task.output.dtype and src.patch is None
 
 
 def row_cost(task: TensorTask, apply: bool = True) -> int:
@@ -92,15 +93,21 @@ def row_cost(task: TensorTask, apply: bool = True) -> int:
     cost = len(infos) * elems * F32  # every input, as float32
     cost += max((i.row_bytes for i in converted), default=0)  # one raw buffer while converting
     cost += task.method.scratch * elems * F32
+    cost += sum(i.patch.row_bytes for i in infos if i.patch is not None)
     if apply and task.output.dtype != COMPUTE_DTYPE:
         cost += elems * element_size(task.output.dtype)
     return cost
 
 
+def fixed_cost(task: TensorTask) -> int:
+    """Live bytes a unit of `task` holds whatever its row count (e.g. LoRA A/B matrices)."""
+    return sum(info.patch.fixed_bytes for _, info in task.all_inputs if info.patch is not None)
+
+
 def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: int = 2,
                   max_unit_bytes: int = MAX_UNIT_BYTES) -> Schedule:
     work_budget = budget - baseline - RESERVE_BYTES
-    min_budget = baseline + RESERVE_BYTES + max((row_cost(t) for t in tasks), default=0)
+    min_budget = baseline + RESERVE_BYTES + max((row_cost(t) + fixed_cost(t) for t in tasks), default=0)
     if budget < min_budget:  # nothing can run; the plan reports the smallest budget that works
         return Schedule([], [t.output.rows for t in tasks], budget, baseline, workers, min_budget, min_budget)
     unit_budget = min(max(work_budget // workers, 1), max_unit_bytes)
@@ -111,18 +118,18 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
     for i in order:
         task = tasks[i]
         rows = task.output.rows
-        per_row = row_cost(task)
-        chunk = max(1, min(rows, unit_budget // max(per_row, 1)))
+        per_row, fixed = row_cost(task), fixed_cost(task)
+        chunk = max(1, min(rows, (unit_budget - fixed) // max(per_row, 1)))
         chunks = -(-rows // chunk)
         chunk = -(-rows // chunks)  # equal chunks
         chunk_rows[i] = chunk
-        merge_bytes[task.output.name] = chunk * per_row
+        merge_bytes[task.output.name] = chunk * per_row + fixed
         passes = len(task.method.statistics) + 1
         for p in range(passes):
             apply = p == passes - 1
             for start in range(0, rows, chunk):
                 stop = min(rows, start + chunk)
-                units.append(WorkUnit(i, p, start, stop, (stop - start) * row_cost(task, apply)))
+                units.append(WorkUnit(i, p, start, stop, (stop - start) * row_cost(task, apply) + fixed))
     peak = baseline + RESERVE_BYTES + _peak_live(units, workers, work_budget)
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes)
 

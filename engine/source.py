@@ -13,6 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -22,15 +23,28 @@ from .errors import MergeError
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+class TensorPatch(Protocol):
+    """A change applied to a tensor's rows as they are read (e.g. a LoRA product W + s·B@A).
+
+    `apply` gets the rows [start, stop) as stored and returns them as float32. The scheduler
+    budgets `row_bytes` extra live bytes per row read and `fixed_bytes` once per unit."""
+
+    row_bytes: int
+    fixed_bytes: int
+
+    def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes lie: file, absolute byte offset, dtype and shape."""
+    """Where one tensor's bytes lie: file, absolute byte offset, dtype and shape (+ a read-time patch)."""
 
     name: str
     file: Path
     offset: int  # absolute offset of the first byte in `file`
     dtype: torch.dtype
     shape: tuple[int, ...]
+    patch: TensorPatch | None = None
 
     @property
     def nbytes(self) -> int:
@@ -83,11 +97,13 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
 
 
 def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
-    """Read rows [start, stop) of a tensor into a fresh buffer (the whole tensor by default)."""
+    """Read rows [start, stop) of a tensor into a fresh buffer (the whole tensor by default).
+
+    The one way bytes are read from a model; a patched tensor comes back patched, as float32."""
     stop = info.rows if stop is None else stop
     nbytes = (stop - start) * info.row_bytes
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
+    buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read into
+    view = memoryview(buf.numpy()).cast("B")
     fd = os.open(info.file, os.O_RDONLY)
     try:
         done, pos = 0, info.offset + start * info.row_bytes
@@ -99,9 +115,8 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torc
     finally:
         os.close(fd)
     shape = ((stop - start),) + info.shape[1:] if info.shape else ()
-    if nbytes == 0:
-        return torch.empty(shape, dtype=info.dtype)
-    return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
+    rows = buf.view(info.dtype).reshape(shape)
+    return info.patch.apply(rows, start, stop) if info.patch is not None else rows
 
 
 class ModelSource:
