@@ -37,11 +37,17 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
     recipe = load_recipe(recipe_path)
     sources = open_sources(recipe, recipe_path.parent)
     plan = build_plan(recipe, sources)
+    return prepare_plan(plan, recipe_path.read_text(), budget, shard_size, workers, max_unit_bytes)
+
+
+def prepare_plan(plan: MergePlan, recipe_text: str, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                 workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES) -> Prepared:
+    """Schedule an already built plan (commands that make their own plans: moe, fill-missing)."""
     layout = ShardLayout([t.output for t in plan.tasks], shard_size)
     trim_heap()
     baseline = current_rss()
     schedule = make_schedule(plan.tasks, budget or default_budget(), baseline, workers, max_unit_bytes)
-    return Prepared(plan, schedule, layout, recipe_path.read_text())
+    return Prepared(plan, schedule, layout, recipe_text)
 
 
 def fingerprint(prepared: Prepared) -> dict:
