@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 
@@ -28,7 +29,7 @@ MaxUnitOption = typer.Option(None, "--max-unit", help="Largest working set of on
 
 
 def _fail(e: BaseException, debug: bool) -> None:
-    if debug:
+    if debug or isinstance(e, (click.exceptions.Exit, typer.Exit)):
         raise e
     if isinstance(e, MergeError):
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
@@ -58,26 +59,34 @@ def run(
 
     Example: mergeng run configs/linear.yml -o merged/linear --ram 2G
     """
-    from ..engine.memory import format_size
-    from ..engine.run import prepare, run_merge
-    from .progress import MergeProgress
+    from ..engine.run import prepare
 
     try:
         prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit))
-        target = out_dir or Path("merged") / recipe.stem
-        for w in prepared.plan.warnings:
-            console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
-        total = sum(t.output.nbytes for t in prepared.plan.tasks)
+        execute(prepared, out_dir or Path("merged") / recipe.stem, fresh)
+    except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
+        _fail(e, debug)
+
+
+def execute(prepared, target: Path, fresh: bool) -> dict:
+    """Run a prepared merge with warnings, a progress bar, a one-line summary and Ctrl-C handling."""
+    from ..engine.memory import format_size
+    from ..engine.run import run_merge
+    from .progress import MergeProgress
+
+    for w in prepared.plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    total = sum(t.output.nbytes for t in prepared.plan.tasks)
+    try:
         with MergeProgress(console, total) as progress:
             profile = run_merge(prepared, target, fresh, on_start=progress.start, on_progress=progress.advance)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
         raise typer.Exit(130)
-    except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
-        _fail(e, debug)
     resumed = " (resumed)" if profile["resumed"] else ""
     console.print(f"[green]merged[/green] into {target}{resumed}: peak RSS {format_size(profile['peak_rss_bytes'])} "
                   f"of {format_size(profile['ram_budget_bytes'])} budget", highlight=False)
+    return profile
 
 
 def _max_unit(text: Optional[str]) -> int:
@@ -152,6 +161,33 @@ def verify(
     console.print(f"[green]ok:[/green] {checked} chunks match their checksums in {out_dir}", highlight=False)
 
 
+@app.command("fill-missing")
+def fill_missing(
+    donor: Path = typer.Option(..., "--donor", help="The complete model (e.g. a VLM) whose files and other tensors are kept."),
+    part: Path = typer.Option(..., "--part", help="The model whose tensors replace the donor's (e.g. a fine-tuned language model)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    ram: Optional[str] = RamOption,
+    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over in an output folder holding an interrupted run."),
+    debug: bool = DebugOption,
+):
+    """Write DONOR with every tensor PART also has replaced by PART's (names aligned across layouts).
+
+    Example: mergeng fill-missing --donor llava-base --part my-llama-finetune -o llava-finetuned
+    """
+    from ..engine.fill_missing import build_fill_missing_plan, fill_missing_recipe_text
+    from ..engine.run import prepare_plan
+
+    try:
+        plan = build_fill_missing_plan(donor, part)
+        prepared = prepare_plan(plan, fill_missing_recipe_text(donor, part), _budget(ram), _decimal_size(shard_size))
+        execute(prepared, out_dir, fresh)
+    except Exception as e:  # noqa: BLE001
+        _fail(e, debug)
+    replaced = sum(1 for r in plan.report if r["from"] == [str(part)])
+    console.print(f"[green]done:[/green] {replaced} of {len(plan.tasks)} tensors from {part}, the rest from {donor}, in {out_dir}", highlight=False)
+
+
 @app.command()
 def methods():
     """List every merge method with its parameters and defaults."""
@@ -198,3 +234,6 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
+
+
+from . import moe_cmd  # noqa: E402,F401  (registers `mergeng moe`)

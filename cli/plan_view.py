@@ -31,6 +31,9 @@ def plan_summary(prepared: Prepared) -> dict:
         "inputs": {label: str(src.path) for label, src in plan.sources.items()},
         "workers": s.workers,
         "warnings": plan.warnings,
+        "renamed": {m: {"rules": len(a), "example": next(iter(a.items()))} for m, a in plan.alignments.items()},
+        "dropped": plan.dropped,
+        "copied": sum(1 for t in plan.report if t["action"] == "copied"),
     }
 
 
@@ -70,6 +73,13 @@ def render_text(prepared: Prepared, console: Console) -> None:
     chunked = summary["chunked_tensors"]
     if chunked:
         console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+    for model, a in plan.alignments.items():
+        ours, theirs = next(iter(a.items()))
+        console.print(f"names of [bold]{model}[/bold] aligned to the output: {len(a)} tensors, e.g. {theirs} → {ours}")
+    if summary["copied"]:
+        console.print(f"{summary['copied']} tensor(s) copied unchanged (not selected, or missing from some models)")
+    if summary["dropped"]:
+        console.print(f"[yellow]{len(summary['dropped'])} input tensor(s) have no place in the output[/yellow], e.g. {summary['dropped'][0]['tensor']} ({summary['dropped'][0]['reason']})")
     console.print(f"estimated time: {summary['estimated_seconds']:.0f} s (from a quick disk and compute probe)")
     for w in summary["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {w}")

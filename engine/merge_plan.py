@@ -11,6 +11,7 @@ resolved here, once per tensor and model, so later stages only see plain numbers
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..architectures.alignment import align
 from ..architectures.layout import find_layer_stacks, language_stack, parse_layer_name
 from ..methods.registry import MergeMethod, get_method
 from .dtypes import RECIPE_DTYPES
@@ -54,6 +56,9 @@ class MergePlan:
     config: dict  # output config.json
     config_donor: str  # model whose config, tokenizer and generation files are copied
     warnings: list[str] = field(default_factory=list)
+    report: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+    alignments: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def natural_key(name: str) -> list:
@@ -64,13 +69,14 @@ def resolve_model_path(model: str, recipe_dir: Path | None) -> Path:
     for candidate in (Path(model), (recipe_dir / model) if recipe_dir else None):
         if candidate is not None and candidate.is_dir():
             return candidate
-    if "+" in model:
-        raise MergeError(f"model '{model}': LoRA adapters ('model+adapter') are not supported yet")
     raise MergeError(f"model '{model}': folder not found (model paths are local folders, relative to the working directory or the recipe)")
 
 
 def open_sources(recipe: Recipe, recipe_dir: Path | None) -> dict[str, ModelSource]:
-    return {m: ModelSource(resolve_model_path(m, recipe_dir), label=m) for m in recipe.model_paths()}
+    """One source per model string; 'BASE+ADAPTER[+...]' opens a LoRA overlay (engine/lora.py)."""
+    from .lora import open_model
+
+    return {m: open_model(m, recipe_dir) for m in recipe.model_paths()}
 
 
 def _check_value(name: str, value: Any, expected: type, where: str) -> Any:
@@ -114,6 +120,9 @@ class _Builder:
         self.sources = sources
         self.method = get_method(recipe.merge_method)
         self.warnings: list[str] = []
+        self.report: list[dict] = []  # what happened to each output tensor
+        self.dropped: list[dict] = []  # input tensors with no place in the output, and why
+        self.alignments: dict[str, dict[str, str]] = {}  # model -> {output name: its tensor name} where they differ
         self.stacks = {m: find_layer_stacks(list(s.tensors)) for m, s in sources.items()}
 
     def output_dtype(self, infos: list[TensorInfo]) -> torch.dtype:
@@ -168,39 +177,72 @@ class _Builder:
         return layer.index / (n - 1) if n > 1 else 1.0
 
     # -- models form -------------------------------------------------------------------------
+    def copy_task(self, out_name: str, model: str, tensor: str) -> TensorTask:
+        info = self.sources[model].tensors[tensor]
+        return TensorTask(OutputTensor(out_name, self.output_dtype([info]), info.shape), None, (info,), (model,),
+                          {"scale": [1.0]}, get_method("passthrough"))
+
+    def selected(self, name: str) -> bool:
+        r = self.recipe
+        if r.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in r.include):
+            return False
+        return not (r.exclude and any(fnmatch.fnmatchcase(name, p) for p in r.exclude))
+
     def models_form(self) -> tuple[list[TensorTask], str]:
         r = self.recipe
         listed = [m.model for m in r.models]
         params_of = {m.model: m.parameters for m in r.models}
+        rename_of = {m.model: m.rename for m in r.models}
         base = r.base_model
         if self.method.base == "required" and not base:
             raise MergeError(f"recipe field 'base_model': method {self.method.name} needs a base model")
         order = listed + ([base] if base and base not in listed else [])
+        donor = base or order[0]
         if self.method.base == "none":
-            others = order
-            base = None
+            others, base = order, None
         else:
             others = [m for m in order if m != base]
-        donor = base or (r.base_model if r.base_model else order[0])
-        names = list(self.sources[donor].tensors)
-        missing_everywhere = []
+        reference = {n: i.shape for n, i in self.sources[donor].tensors.items()}
+        aligned = {}  # model -> {output name: that model's tensor name}
+        for m in dict.fromkeys(order + [r.fill_from or donor]):
+            names = {n: i.shape for n, i in self.sources[m].tensors.items()}
+            aligned[m] = align(names, reference, rename_of.get(m))
+            renamed = {o: n for o, n in aligned[m].items() if o != n}
+            if renamed:
+                self.alignments[m] = renamed
+        fill = r.fill_from or donor
         tasks = []
-        for name in names:
-            have = [m for m in others if name in self.sources[m].tensors]
-            if len(have) < len(others):
-                lacking = [m for m in others if m not in have]
-                self.warnings.append(f"tensor '{name}' is missing from {', '.join(lacking)}: merged from the models that have it")
-            if not have:
-                missing_everywhere.append(name)
+        for name in self.sources[donor].tensors:
+            if not self.selected(name):
+                if name not in aligned[fill]:
+                    raise MergeError(f"tensor '{name}': not selected for merging and missing from fill_from model '{fill}'")
+                tasks.append(self.copy_task(name, fill, aligned[fill][name]))
+                self.report.append({"tensor": name, "action": "copied", "from": [fill], "reason": "not selected by include/exclude"})
                 continue
+            have = [m for m in others if name in aligned[m]]
+            lacking = [m for m in others if m not in have]
+            if lacking:
+                if r.missing == "error":
+                    raise MergeError(f"tensor '{name}' is missing from model(s) {', '.join(lacking)} (missing: error)")
+                if r.missing == "base" or not have or len(have) < self.method.min_models:
+                    tasks.append(self.copy_task(name, donor, name))
+                    self.report.append({"tensor": name, "action": "copied", "from": [donor],
+                                        "reason": f"missing from {', '.join(lacking)}"})
+                    continue
+                self.warnings.append(f"tensor '{name}' is missing from {', '.join(lacking)}: merged from the models that have it")
             t = self.layer_t(donor, name)
-            inputs = [(m, name, params_of.get(m, {})) for m in have]
+            inputs = [(m, aligned[m][name], params_of.get(m, {})) for m in have]
             tasks.append(self.task(name, t, (base, name) if base else None, inputs, [r.parameters]))
-        for name in missing_everywhere:  # only the base has it: carried over unchanged
-            self.warnings.append(f"tensor '{name}' exists only in the base model: copied from it")
-            info = self.sources[donor].tensors[name]
-            tasks.append(TensorTask(OutputTensor(name, self.output_dtype([info]), info.shape), None, (info,), (donor,),
-                                    {"scale": [1.0]}, get_method("passthrough")))
+            self.report.append({"tensor": name, "action": "merged", "from": ([base] if base else []) + have,
+                                "reason": "partial: " + ", ".join(lacking) + " lack it" if lacking else ""})
+        for m in order:
+            used = set(aligned[m].values())
+            for n in self.sources[m].tensors:
+                if n not in used:
+                    self.dropped.append({"model": m, "tensor": n, "reason": f"no counterpart in the output layout of '{donor}'"})
+        if self.dropped:
+            self.warnings.append(f"{len(self.dropped)} input tensor(s) have no place in the output (see the report), e.g. "
+                                 f"'{self.dropped[0]['tensor']}' of {self.dropped[0]['model']}")
         return tasks, donor
 
     # -- slices form -------------------------------------------------------------------------
@@ -284,4 +326,4 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource]) -> MergePlan:
     if layers is not None:
         holder = config if "num_hidden_layers" in config or "text_config" not in config else config["text_config"]
         holder["num_hidden_layers"] = layers
-    return MergePlan(recipe, sources, tasks, config, donor, builder.warnings)
+    return MergePlan(recipe, sources, tasks, config, donor, builder.warnings, builder.report, builder.dropped, builder.alignments)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import MergeError
 
@@ -33,12 +33,23 @@ ParamValue = Union[Scalar, list[float], list[Condition]]
 Parameters = dict[str, ParamValue]
 
 
+def _fold_lora(entry: "InputModel | SliceSource"):
+    """`{model: M, lora: A}` is `model: M+A` (several adapters apply in order); later stages see only the string."""
+    if entry.lora:
+        entry.model = "+".join([entry.model, *([entry.lora] if isinstance(entry.lora, str) else entry.lora)])
+        entry.lora = None
+    return entry
+
+
 class InputModel(BaseModel):
-    """One `models:` entry."""
+    """One `models:` entry; `rename` maps this model's name prefixes onto the output's."""
 
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: Parameters = Field(default_factory=dict)
+    rename: dict[str, str] | None = None
+    lora: str | list[str] | None = None  # LoRA adapter folder(s) applied to `model`
+    _fold = model_validator(mode="after")(_fold_lora)
 
 
 class SliceSource(BaseModel):
@@ -46,6 +57,8 @@ class SliceSource(BaseModel):
     model: str
     layer_range: tuple[int, int]
     parameters: Parameters = Field(default_factory=dict)
+    lora: str | list[str] | None = None  # LoRA adapter folder(s) applied to `model`
+    _fold = model_validator(mode="after")(_fold_lora)
 
     @field_validator("layer_range")
     @classmethod
@@ -74,6 +87,10 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     seed: int = 0
     name: str | None = None
+    include: list[str] | None = None  # glob patterns: only these tensors are merged
+    exclude: list[str] | None = None  # glob patterns: these tensors are not merged
+    fill_from: str | None = None  # where unmerged tensors are copied from (default: the base)
+    missing: Literal["merge", "base", "error"] = "merge"  # a tensor only some models have
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -93,6 +110,8 @@ class Recipe(BaseModel):
             names += [src.model for src in s.sources]
         if self.base_model:
             names.append(self.base_model)
+        if self.fill_from:
+            names.append(self.fill_from)
         return list(dict.fromkeys(names))
 
 

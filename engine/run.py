@@ -60,6 +60,10 @@ def fingerprint(prepared: Prepared) -> dict:
             with open(f, "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 h.update(fh.read(n))
+        if getattr(src, "adapter_files", None):  # LoRA overlays: adapters are small, hash their whole content
+            from .lora import adapter_digest
+
+            h.update(adapter_digest(src.adapter_files).encode())
     return {
         "engine": __version__,
         "recipe": prepared.recipe_text,
@@ -118,8 +122,15 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
         "timeline": sampler.timeline,
     }
     (out_dir / STATE_DIR / "profile.json").write_text(json.dumps(profile))
+    write_report(prepared.plan, out_dir / STATE_DIR / "report.json")
     journal.close()
     return profile
+
+
+def write_report(plan: MergePlan, path: Path) -> None:
+    """Every output tensor (merged or copied, from which models) and every input tensor left out, with why."""
+    path.write_text(json.dumps({"tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
+                                "warnings": plan.warnings}, indent=1))
 
 
 def _refuse_foreign_folder(out_dir: Path) -> None:

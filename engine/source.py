@@ -131,7 +131,12 @@ class ModelSource:
         self.tensors: dict[str, TensorInfo] = {}
         self.files: list[Path] = []
         for file in self._weight_files():
-            infos, _ = read_safetensors_header(file)
+            if file.suffix == ".bin":
+                from .torch_bin import read_bin_header
+
+                infos = read_bin_header(file)
+            else:
+                infos, _ = read_safetensors_header(file)
             self.files.append(file)
             self.tensors.update(infos)
         if not self.tensors:
@@ -147,24 +152,29 @@ class ModelSource:
             raise MergeError(f"model '{self.label}': config.json is not valid JSON (line {e.lineno})") from None
 
     def _weight_files(self) -> list[Path]:
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
+        """model.safetensors[.index.json], else pytorch_model.bin[.index.json]."""
+        for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                        ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            files = self._listed_files(self.path / index_name, self.path / single_name)
+            if files:
+                return files
+        others = sorted(self.path.glob("*.safetensors"))
+        if others:
+            return others
+        raise MergeError(f"model '{self.label}': no model.safetensors, pytorch_model.bin or index in {self.path}")
+
+    def _listed_files(self, index: Path, single: Path) -> list[Path]:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError):
-                raise MergeError(f"{index}: not a valid safetensors index (no weight_map)") from None
+                raise MergeError(f"{index}: not a valid index (no weight_map)") from None
             files = list(dict.fromkeys(weight_map.values()))
             missing = [f for f in files if not (self.path / f).exists()]
             if missing:
                 raise MergeError(f"model '{self.label}': shard {missing[0]} listed in the index is missing")
             return [self.path / f for f in files]
-        if single.exists():
-            return [single]
-        others = sorted(self.path.glob("*.safetensors"))
-        if others:
-            return others
-        raise MergeError(f"model '{self.label}': no model.safetensors or model.safetensors.index.json in {self.path}")
+        return [single] if single.exists() else []
 
     def file_fingerprint(self) -> list[tuple[str, int]]:
         """(file name, size) of each weight file: what a resumed run checks for changed inputs."""
