@@ -77,3 +77,16 @@ def align(names: dict[str, tuple[int, ...]], reference: dict[str, tuple[int, ...
 def _rows_only(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     """Shapes that differ only in rows (embeddings of different vocab sizes) still align."""
     return len(a) == len(b) >= 2 and a[1:] == b[1:]
+
+
+def summarize(mapping: dict[str, str]) -> dict[str, str]:
+    """The prefix rules behind a {output name: input name} mapping, for display: {input prefix: output prefix}."""
+    rules: dict[str, str] = {}
+    for out_name, in_name in mapping.items():
+        o, i = out_name.split("."), in_name.split(".")
+        k = 0
+        while k < min(len(o), len(i)) and o[-1 - k] == i[-1 - k]:
+            k += 1
+        src = ".".join(i[: len(i) - k]) + ("." if len(i) > k else "")
+        rules.setdefault(src, ".".join(o[: len(o) - k]) + ("." if len(o) > k else ""))
+    return rules

@@ -227,6 +227,11 @@ def demo(
                   f"peak RSS {format_size(profile['peak_rss_bytes'])} (budget {ram})", highlight=False)
 
 
+from .lora_cmd import lora_app  # noqa: E402  (mergeng lora apply / extract)
+
+app.add_typer(lora_app, name="lora")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

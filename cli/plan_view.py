@@ -7,11 +7,14 @@ from collections import defaultdict
 from rich.console import Console
 from rich.table import Table
 
+from ..architectures.alignment import summarize
 from ..architectures.layout import find_layer_stacks, parse_layer_name
 from ..engine.graph import build_graph
+from ..engine.lora import lora_summary
 from ..engine.memory import format_size
 from ..engine.run import Prepared
 from ..engine.scheduler import read_bytes
+from .lora_cmd import render_lora
 
 
 def plan_summary(prepared: Prepared) -> dict:
@@ -31,7 +34,8 @@ def plan_summary(prepared: Prepared) -> dict:
         "inputs": {label: str(src.path) for label, src in plan.sources.items()},
         "workers": s.workers,
         "warnings": plan.warnings,
-        "renamed": {m: {"rules": len(a), "example": next(iter(a.items()))} for m, a in plan.alignments.items()},
+        "lora": lora_summary(plan.sources),
+        "renamed": {m: {"tensors": len(a), "rules": summarize(a)} for m, a in plan.alignments.items()},
         "dropped": plan.dropped,
         "copied": sum(1 for t in plan.report if t["action"] == "copied"),
     }
@@ -54,6 +58,7 @@ def render_text(prepared: Prepared, console: Console) -> None:
     for label, src in plan.sources.items():
         inputs.add_row(label, str(src.path), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
     console.print(inputs)
+    render_lora(plan, console)
     layers = Table("layer", "tensors", "read", "written", title="per layer", title_justify="left")
     stacks = find_layer_stacks([t.output.name for t in plan.tasks])
     groups: dict[str, list] = defaultdict(list)
@@ -74,8 +79,8 @@ def render_text(prepared: Prepared, console: Console) -> None:
     if chunked:
         console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
     for model, a in plan.alignments.items():
-        ours, theirs = next(iter(a.items()))
-        console.print(f"names of [bold]{model}[/bold] aligned to the output: {len(a)} tensors, e.g. {theirs} → {ours}")
+        rules = ", ".join(f"'{src}*' → '{dst}*'" for src, dst in summarize(a).items())
+        console.print(f"names of [bold]{model}[/bold] aligned to the output ({len(a)} tensors): {rules}")
     if summary["copied"]:
         console.print(f"{summary['copied']} tensor(s) copied unchanged (not selected, or missing from some models)")
     if summary["dropped"]:

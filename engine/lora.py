@@ -3,7 +3,8 @@
     "BASE+ADAPTER"  ──►  LoraSource: BASE's tensors; each one the adapter touches carries a patch
     read_rows(info, start, stop)  ──►  W[start:stop] + scale · (B @ A)[start:stop]   (float32)
 
-An adapter folder holds `adapter_config.json` and `adapter_model.safetensors`, whose keys are
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (or a zip-format
+`adapter_model.bin`, read as headers only), whose keys are
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (linear layers),
 `.lora_embedding_A` / `.lora_embedding_B` (embeddings, ΔW = (B @ A)ᵀ), `.lora_B.bias` (bias
 adapters), `.lora_magnitude_vector` (DoRA) and plain `<module>.weight` / `<module>.base_layer.weight`
@@ -42,6 +43,7 @@ from .source import ModelSource, TensorInfo, read_rows, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 F32 = 4
 COLUMN_NORM_BLOCK_BYTES = 8 << 20
 # leading module-path components a checkpoint may or may not have (text models inside VLMs)
@@ -114,9 +116,10 @@ def load_adapter(path: Path) -> LoraAdapter:
     cfg_path, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not cfg_path.exists():
         raise MergeError(f"LoRA adapter {path}: no {ADAPTER_CONFIG} (is this a PEFT adapter folder?)")
+    if not weights.exists() and (path / ADAPTER_WEIGHTS_BIN).exists():
+        weights = path / ADAPTER_WEIGHTS_BIN
     if not weights.exists():
-        bin_hint = " (only adapter_model.bin: convert it to safetensors first)" if (path / "adapter_model.bin").exists() else ""
-        raise MergeError(f"LoRA adapter {path}: no {ADAPTER_WEIGHTS}{bin_hint}")
+        raise MergeError(f"LoRA adapter {path}: no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN})")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -124,7 +127,12 @@ def load_adapter(path: Path) -> LoraAdapter:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise MergeError(f"LoRA adapter {path}: peft_type {peft_type} is not supported (only LORA)")
-    tensors, _ = read_safetensors_header(weights)
+    if weights.suffix == ".bin":  # read as headers by the restricted unpickler, never torch.load
+        from .torch_bin import read_bin_header
+
+        tensors = read_bin_header(weights)
+    else:
+        tensors, _ = read_safetensors_header(weights)
     modules: dict[str, AdapterModule] = {}
     for key, info in tensors.items():
         rest = key.removeprefix("base_model.model.")
@@ -382,13 +390,19 @@ def _patches_for(adapter: LoraAdapter, base: dict[str, TensorInfo], label: str):
 
 
 def _unmatched_message(adapter: LoraAdapter, label: str, unmatched: list[tuple[str, str]], base) -> str:
+    """One line: the unmatched modules (layer numbers folded to *), why, and the closest base names."""
     modules = sorted({n.removesuffix(".weight").removesuffix(".bias") for n in base})
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for path, why in unmatched:
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", path), []).append((path, why))
     shown = []
-    for path, why in unmatched[:3]:
+    for pattern, members in list(groups.items())[:3]:
+        path, why = members[0]
         close = difflib.get_close_matches(path, modules, n=2, cutoff=0.3)
         hint = f"; closest base names: {', '.join(close)}" if close and why.startswith("no base") else ""
-        shown.append(f"{path} ({why}{hint})")
-    more = f", and {len(unmatched) - 3} more" if len(unmatched) > 3 else ""
+        count = f" ×{len(members)}" if len(members) > 1 else ""
+        shown.append(f"{pattern if len(members) > 1 else path}{count} ({why}{hint})")
+    more = f"; and {len(groups) - 3} more" if len(groups) > 3 else ""
     return (f"LoRA adapter {adapter.path} does not fit model '{label}': {len(unmatched)} of its module(s) match no base tensor: "
             + "; ".join(shown) + more + " (was it trained for another architecture?)")
 

@@ -123,6 +123,7 @@ class _Builder:
         self.report: list[dict] = []  # what happened to each output tensor
         self.dropped: list[dict] = []  # input tensors with no place in the output, and why
         self.alignments: dict[str, dict[str, str]] = {}  # model -> {output name: its tensor name} where they differ
+        self.partially_missing: dict[str, list[str]] = {}  # model -> merged tensors it lacks
         self.stacks = {m: find_layer_stacks(list(s.tensors)) for m, s in sources.items()}
 
     def output_dtype(self, infos: list[TensorInfo]) -> torch.dtype:
@@ -229,12 +230,15 @@ class _Builder:
                     self.report.append({"tensor": name, "action": "copied", "from": [donor],
                                         "reason": f"missing from {', '.join(lacking)}"})
                     continue
-                self.warnings.append(f"tensor '{name}' is missing from {', '.join(lacking)}: merged from the models that have it")
+                for m in lacking:
+                    self.partially_missing.setdefault(m, []).append(name)
             t = self.layer_t(donor, name)
             inputs = [(m, aligned[m][name], params_of.get(m, {})) for m in have]
             tasks.append(self.task(name, t, (base, name) if base else None, inputs, [r.parameters]))
             self.report.append({"tensor": name, "action": "merged", "from": ([base] if base else []) + have,
                                 "reason": "partial: " + ", ".join(lacking) + " lack it" if lacking else ""})
+        for m, names in self.partially_missing.items():
+            self.warnings.append(f"{len(names)} tensor(s) are missing from '{m}' (e.g. '{names[0]}'): merged from the models that have them")
         for m in order:
             used = set(aligned[m].values())
             for n in self.sources[m].tensors:

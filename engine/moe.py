@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..methods.keyed_random import stream_key, uniform_rows
-from ..methods.registry import MergeContext, Tensor, get_method, merge_method
+from ..methods.registry import REGISTRY, MergeContext, Tensor, get_method, merge_method
 from .dtypes import RECIPE_DTYPES, dtype_name
 from .errors import MergeError
 from .journal import STATE_DIR
@@ -202,6 +202,9 @@ def moe_expert(tensors: list[Tensor], ctx: MergeContext, noise_scale: list[float
     return x * residual_scale[0] if residual_scale[0] != 1.0 else x
 
 
+MOE_EXPERT = REGISTRY.pop("moe_expert")  # internal to MoE builds: not a recipe method
+
+
 # -- building the plan --------------------------------------------------------------------------
 @dataclass
 class MoeBuild:
@@ -267,7 +270,7 @@ def _copy(out_name: str, model: str, info: TensorInfo, dtype: torch.dtype, exper
     scale = (expert.residual_scale if expert and residual and expert.residual_scale is not None else 1.0)
     output = OutputTensor(out_name, out_dtype, info.shape)
     if noise:
-        return TensorTask(output, None, (info,), (model,), {"noise_scale": [noise], "residual_scale": [scale]}, get_method("moe_expert"))
+        return TensorTask(output, None, (info,), (model,), {"noise_scale": [noise], "residual_scale": [scale]}, MOE_EXPERT)
     return TensorTask(output, None, (info,), (model,), {"scale": [scale]}, get_method("passthrough"))
 
 
@@ -296,11 +299,9 @@ def _existing_routers(path: Path, key: str) -> bool:
 def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None = None, seed: int = 0,
                 shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES,
                 fresh: bool = False):
-    """Validate, compute the routers (or reuse them), build the plan and schedule it: a `run.Prepared`.
+    """Validate, compute the routers (or reuse them), build the plan and schedule it.
 
-    Returns (prepared, MoeBuild)."""
-    from .memory import RssSampler, default_budget
-    from .moe_gates import GateRow, compute_gates
+    Returns (run.Prepared, MoeBuild); `run.run_merge` executes the first."""
     from .run import _refuse_foreign_folder, clear_previous_output, prepare_plan
 
     config_path, out_dir = Path(config_path), Path(out_dir)
@@ -308,87 +309,93 @@ def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None
         raise MergeError(f"moe config not found: {config_path}")
     text = config_path.read_text()
     config = parse_moe_config(text, str(config_path))
-    shared = config.shared_experts or []
-    where = config_path.parent
-    labels = [config.base_model] + [e.source_model for e in config.experts + shared]
-    sources = {m: ModelSource(resolve_model_path(m, where), label=m) for m in dict.fromkeys(labels)}
+    experts, shared = config.experts, config.shared_experts or []
+    labels = [config.base_model] + [e.source_model for e in experts + shared]
+    sources = {m: ModelSource(resolve_model_path(m, config_path.parent), label=m) for m in dict.fromkeys(labels)}
     base = sources[config.base_model]
     arch = choose_architecture(config, {m: _model_type(s) for m, s in sources.items()})
     layers = _layer_count(base)
     if EMBED not in base.tensors:
         raise MergeError(f"base model '{base.label}': no '{EMBED}' tensor (a Llama-style model is needed)")
-    hidden = base.tensors[EMBED].shape[1]
-    mlps = {m: _mlp_tensors(sources[m], layers, "expert" if m != config.base_model else "base model")
-            for m in dict.fromkeys(e.source_model for e in config.experts + shared)}
-    _check_expert_shapes(base, mlps, [e.source_model for e in config.experts], "expert")
+    mlps = {m: _mlp_tensors(sources[m], layers, "expert") for m in dict.fromkeys(e.source_model for e in experts + shared)}
+    _check_expert_shapes(base, mlps, [e.source_model for e in experts], "expert")
     if shared:
         _check_expert_shapes(base, mlps, [e.source_model for e in shared], "shared expert")
     warnings: list[str] = []
-    if len({e.source_model for e in config.experts}) == 1 and len(config.experts) > 1:
+    if len(experts) > 1 and len({e.source_model for e in experts}) == 1:
         warnings.append("every expert is the same model: the MoE computes what that model computes, at more cost (useful only before training)")
     out_dtype = _output_dtype(config, base)
+    tasks = _base_tasks(base, arch, out_dtype)
+    for i in range(layers):
+        prefix = LAYER.format(i=i)
+        for e, expert in enumerate(experts):
+            for proj in DENSE_MLP:
+                tasks.append(_copy(prefix + arch.expert.format(e=e, proj=arch.proj[proj]), expert.source_model,
+                                   mlps[expert.source_model][i, proj], out_dtype, expert, proj == "down_proj"))
+        for expert in shared:
+            for proj in DENSE_MLP:
+                tasks.append(_copy(prefix + arch.shared_expert.format(proj=proj), expert.source_model,
+                                   mlps[expert.source_model][i, proj], out_dtype, expert, proj == "down_proj"))
 
     # routers: computed once, kept under OUT/.mergeng/moe/ so a resumed build reuses them
     _refuse_foreign_folder(out_dir)
     if fresh:
         clear_previous_output(out_dir)
     moe_dir = out_dir / STATE_DIR / MOE_DIR
-    routers_path = moe_dir / ROUTERS_FILE
     key = routers_key(text, seed, base)
-    reused = _existing_routers(routers_path, key)
-    gate_peak = 0
-    if not reused:
-        rows = [GateRow(e.positive_prompts or [], e.negative_prompts or []) for e in config.experts + shared]
-        with RssSampler() as sampler:
-            gates, gate_warnings = compute_gates(config.gate_mode, rows, base, layers, seed, budget or default_budget(),
-                                                 n_routed=len(config.experts))
-        gate_peak = sampler.peak
-        warnings += gate_warnings
-        computed = _computed_tensors(arch, gates, base, layers, len(config.experts))
-        _write_routers(routers_path, computed, key)
-        (moe_dir / "gates.json").write_text(json.dumps({"gate_mode": config.gate_mode, "peak_rss_bytes": gate_peak,
-                                                        "budget_bytes": budget or None, "warnings": gate_warnings}))
-        del gates, computed
+    reused = _existing_routers(moe_dir / ROUTERS_FILE, key)
+    gate_peak = 0 if reused else _compute_routers(config, arch, base, layers, seed, budget, moe_dir, key, warnings)
+    if reused and (moe_dir / "gates.json").exists():
+        warnings += json.loads((moe_dir / "gates.json").read_text()).get("warnings", [])
     routers = ModelSource(moe_dir, label=ROUTERS_LABEL)
-
-    # tasks: base tensors outside the MLP, experts' MLPs, computed tensors
-    tasks: list[TensorTask] = []
-    attn_bias = re.compile(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias$")
-    for name, info in base.tensors.items():
-        if re.match(r"model\.layers\.\d+\.mlp\.", name):
-            continue
-        if attn_bias.match(name) and not arch.attention_bias:
-            raise MergeError(f"base model '{base.label}': attention bias '{name}' has no place in {arch.name} output")
-        if name.endswith("o_proj.bias") and arch.qkv_bias:
-            raise MergeError(f"base model '{base.label}': '{name}' has no place in {arch.name} output (no o_proj bias)")
-        tasks.append(_copy(name, config.base_model, info, out_dtype))
-    for i in range(layers):
-        prefix = LAYER.format(i=i)
-        for e, expert in enumerate(config.experts):
-            for proj in DENSE_MLP:
-                out = prefix + arch.expert.format(e=e, proj=arch.proj[proj])
-                tasks.append(_copy(out, expert.source_model, mlps[expert.source_model][i, proj], out_dtype, expert, proj == "down_proj"))
-        for expert in shared:
-            for proj in DENSE_MLP:
-                out = prefix + arch.shared_expert.format(proj=proj)
-                tasks.append(_copy(out, expert.source_model, mlps[expert.source_model][i, proj], out_dtype, expert, proj == "down_proj"))
-    for name, info in routers.tensors.items():
-        tasks.append(_copy(name, ROUTERS_LABEL, info, out_dtype))
+    tasks += [_copy(name, ROUTERS_LABEL, info, out_dtype) for name, info in routers.tensors.items()]
     names = [t.output.name for t in tasks]
     if len(names) != len(set(names)):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise MergeError(f"base model '{base.label}': tensor '{dup}' would be written twice")
+        raise MergeError(f"base model '{base.label}': tensor '{next(n for n in names if names.count(n) > 1)}' would be written twice")
     tasks.sort(key=lambda t: natural_key(t.output.name))
 
+    size = mlps[experts[0].source_model][0, "up_proj"].shape[0]
     shared_size = mlps[shared[0].source_model][0, "up_proj"].shape[0] if shared else None
-    out_config = output_config(arch, base.config, len(config.experts), config.experts_per_token,
-                               mlps[config.experts[0].source_model][0, "up_proj"].shape[0], shared_size, out_dtype, layers)
+    out_config = output_config(arch, base.config, len(experts), config.experts_per_token, size, shared_size, out_dtype, layers)
     recipe = Recipe(merge_method=f"moe ({arch.name}, gate_mode {config.gate_mode})",
-                    models=[InputModel(model=m) for m in dict.fromkeys(e.source_model for e in config.experts + shared)],
-                    base_model=config.base_model, dtype=config.dtype, seed=seed)
+                    models=[InputModel(model=m) for m in mlps], base_model=config.base_model, dtype=config.dtype, seed=seed)
     plan = MergePlan(recipe, {**sources, ROUTERS_LABEL: routers}, tasks, out_config, config.base_model, warnings)
     prepared = prepare_plan(plan, text, budget, shard_size, workers, max_unit_bytes)
     return prepared, MoeBuild(plan, arch, gate_peak, reused)
+
+
+def _base_tasks(base: ModelSource, arch: MoeArchitecture, dtype: torch.dtype) -> list[TensorTask]:
+    """Every base tensor outside the MLPs, copied; attention biases only where the output has them."""
+    tasks = []
+    for name, info in base.tensors.items():
+        if re.match(r"model\.layers\.\d+\.mlp\.", name):
+            continue
+        if re.match(r"model\.layers\.\d+\.self_attn\.[qkvo]_proj\.bias$", name):
+            if not arch.attention_bias or (arch.qkv_bias and name.endswith("o_proj.bias")):
+                raise MergeError(f"base model '{base.label}': attention bias '{name}' has no place in {arch.name} output")
+        tasks.append(_copy(name, base.label, info, dtype))
+    return tasks
+
+
+def _compute_routers(config: MoeConfig, arch: MoeArchitecture, base: ModelSource, layers: int, seed: int,
+                     budget: int | None, moe_dir: Path, key: str, warnings: list[str]) -> int:
+    """Compute and write the routers file (and gates.json); returns the phase's peak RSS."""
+    from .memory import RssSampler, default_budget
+    from .moe_gates import GateRow, compute_gates
+
+    experts = config.experts + (config.shared_experts or [])
+    rows = [GateRow(e.positive_prompts or [], e.negative_prompts or []) for e in experts]
+    with RssSampler() as sampler:
+        gates, gate_warnings = compute_gates(config.gate_mode, rows, base, layers, seed, budget or default_budget(),
+                                             n_routed=len(config.experts))
+        computed = _computed_tensors(arch, gates, base, layers, len(config.experts))
+        del gates
+        _write_routers(moe_dir / ROUTERS_FILE, computed, key)
+        del computed
+    warnings += gate_warnings
+    (moe_dir / "gates.json").write_text(json.dumps({"gate_mode": config.gate_mode, "peak_rss_bytes": sampler.peak,
+                                                    "budget_bytes": budget, "warnings": gate_warnings}, indent=1))
+    return sampler.peak
 
 
 def _computed_tensors(arch: MoeArchitecture, gates: list[torch.Tensor], base: ModelSource, layers: int,

@@ -57,9 +57,8 @@ def fingerprint(prepared: Prepared) -> dict:
         h.update(label.encode())
         for f in src.files:
             h.update(f"{f.name}:{f.stat().st_size}".encode())
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
+        for name, info in src.tensors.items():  # the headers, whatever the file format
+            h.update(f"{name}:{info.file.name}:{info.offset}:{info.dtype}:{info.shape}".encode())
         if getattr(src, "adapter_files", None):  # LoRA overlays: adapters are small, hash their whole content
             from .lora import adapter_digest
 

@@ -1,0 +1,112 @@
+"""`mergeng lora apply` and `mergeng lora extract`: LoRA adapters in and out of the engine.
+
+`apply` is the passthrough recipe `models: [{model: BASE+ADAPTER}]` run through `mergeng run`;
+`extract` writes a PEFT adapter from the difference of two models (engine/lora_extract.py).
+`render_lora` is how `plan` shows the adapters' matched modules and scales.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+lora_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                       help="Apply LoRA adapters to a base model, or extract one from a fine-tune.")
+
+
+@lora_app.command()
+def apply(
+    base: Path = typer.Option(..., "--base", help="Base model folder."),
+    adapter: List[Path] = typer.Option(..., "--adapter", help="PEFT adapter folder; repeat to stack adapters (applied in order)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Peak RSS ceiling, e.g. 2G."),
+    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
+    workers: int = typer.Option(2, "--workers", help="Worker threads."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over."),
+    max_unit: Optional[str] = typer.Option(None, "--max-unit", hidden=True),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Merge LoRA adapter(s) into a base model: BASE + scale·B@A per tensor, streamed.
+
+    Example: mergeng lora apply --base models/llama --adapter adapters/chat -o merged/llama-chat --ram 2G
+    """
+    from .app import run
+
+    model = "+".join(str(p.resolve()) for p in [base, *adapter])
+    with tempfile.TemporaryDirectory(prefix="mergeng-lora-") as tmp:
+        # the recipe text is part of the resume fingerprint: the same command resumes
+        recipe = Path(tmp) / "lora-apply.yml"
+        recipe.write_text(f"merge_method: passthrough\nmodels:\n  - model: {_yaml_str(model)}\n")
+        run(recipe=recipe, out_dir=out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, max_unit=max_unit, debug=debug)
+
+
+def _yaml_str(text: str) -> str:
+    import json
+
+    return json.dumps(text)  # a JSON string is a valid YAML scalar
+
+
+@lora_app.command()
+def extract(
+    base: str = typer.Option(..., "--base", help="Base model folder."),
+    model: str = typer.Option(..., "--model", help="Fine-tuned model folder (same architecture and shapes as BASE)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write (adapter_model.safetensors + adapter_config.json)."),
+    rank: int = typer.Option(..., "--rank", help="Largest rank kept per module."),
+    sv_epsilon: float = typer.Option(0.0, "--sv-epsilon", help="Also drop singular values below this fraction of the largest."),
+    include: Optional[str] = typer.Option(None, "--include", help="Regex: only modules whose name matches."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: leave out modules whose name matches."),
+    save_module: List[str] = typer.Option([], "--save-module", help="Module saved in full (PEFT modules_to_save), e.g. embed_tokens, lm_head; repeatable."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Peak RSS ceiling, e.g. 2G: checked against the largest tensor's SVD before any work."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+):
+    """Extract a PEFT LoRA adapter such that BASE + adapter ≈ MODEL (per-tensor SVD of MODEL − BASE).
+
+    Example: mergeng lora extract --base models/llama --model models/llama-chat -o adapters/chat --rank 16 --save-module lm_head
+    """
+    from ..engine.lora_extract import extract_lora
+    from .app import _budget, _fail, console, out
+
+    try:
+        report = extract_lora(base, model, out_dir, rank, sv_epsilon, include, exclude, save_module, _budget(ram))
+    except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
+        _fail(e, debug)
+    table = Table("module", "shape", "rank", "retained energy", "method", title="extracted", title_justify="left")
+    for m in report.modules:
+        energy = "full tensor" if m.method == "saved" else f"{100 * m.energy:.2f}%"
+        table.add_row(m.module, "×".join(map(str, m.shape)), str(m.rank) if m.method != "saved" else "-", energy, m.method)
+    out.print(table)
+    lora = [m for m in report.modules if m.method != "saved"]
+    if lora:
+        mean = sum(m.energy for m in lora) / len(lora)
+        console.print(f"[green]wrote[/green] {out_dir}: {len(lora)} LoRA module(s), mean retained energy {100 * mean:.2f}%, "
+                      f"{len(report.modules) - len(lora)} saved in full, {len(report.unchanged)} unchanged", highlight=False)
+    if report.not_representable:
+        console.print(f"[yellow]warning:[/yellow] {len(report.not_representable)} tensor(s) differ but are not 2-D weights a LoRA can carry, "
+                      f"e.g. {report.not_representable[0]}; add their modules with --save-module to keep them", highlight=False)
+
+
+def render_lora(plan, console: Console) -> None:
+    """`plan`'s view of the LoRA overlays: adapted base tensors (layer numbers folded to *), kind, r, alpha, scale.
+
+    Every module is listed in `plan --format json` under "lora"."""
+    import re
+    from collections import Counter
+
+    from ..engine.lora import lora_summary
+
+    rows = lora_summary(plan.sources)
+    if not rows:
+        return
+    groups = Counter((r["model"], r["adapter"], re.sub(r"\.\d+\.", ".*.", r["tensor"]), r["kind"], r["rank"], r["alpha"], r["scale"])
+                     for r in rows)
+    for model in dict.fromkeys(r["model"] for r in rows):
+        table = Table("base tensor", "count", "kind", "r", "alpha", "scale", title=f"LoRA on {model}", title_justify="left")
+        for (m, adapter, tensor, kind, rank, alpha, scale), n in groups.items():
+            if m == model:
+                table.add_row(tensor, str(n), kind, str(rank or "-"), f"{alpha:g}" if rank else "-", f"{scale:g}")
+        console.print(table)
