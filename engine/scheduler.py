@@ -19,7 +19,8 @@ split into row chunks of equal size; row chunks are contiguous byte ranges in ev
 and in the output. Units are ordered by where their first input lies on disk, so reads move
 forward through the input shards.
 The predicted peak is baseline + the largest sum of live bytes that `workers` consecutive
-units can hold together (never more than the work budget) + the reserve.
+units can hold together (never more than the work budget) + the runtime overhead; the reserve
+is headroom kept free on top of that, so an underestimate does not cross the budget.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .errors import MergeError
 from .memory import format_size
 from .merge_plan import TensorTask
 
-RESERVE_BYTES = 96 << 20
+RESERVE_BYTES = 96 << 20  # admitted work stays this far below the budget
+RUNTIME_OVERHEAD = 32 << 20  # what running adds besides unit buffers (threads, journal, progress): predicted, measured
 MAX_UNIT_BYTES = 256 << 20  # beyond this, bigger units only delay overlap and progress
 F32 = element_size(COMPUTE_DTYPE)
 
@@ -89,14 +91,13 @@ def row_cost(task: TensorTask, apply: bool = True) -> int:
     if is_plain_copy(task):
         return task.inputs[0].row_bytes
     infos = [info for _, info in task.all_inputs]
-    converted = [i for i in infos if i.dtype != COMPUTE_DTYPE]
-    cost = len(infos) * elems * F32  # every input, as float32
-    cost += max((i.row_bytes for i in converted), default=0)  # one raw buffer while converting
-    cost += task.method.scratch * elems * F32
-    cost += sum(i.patch.row_bytes for i in infos if i.patch is not None)
-    if apply and task.output.dtype != COMPUTE_DTYPE:
-        cost += elems * element_size(task.output.dtype)
-    return cost
+    inputs = len(infos) * elems * F32  # every input, as float32
+    # phases of a unit (executor._run_unit): read+convert one input at a time, merge, cast the result
+    raw = max((i.row_bytes + (i.patch.row_bytes if i.patch else 0) for i in infos if i.dtype != COMPUTE_DTYPE or i.patch), default=0)
+    load = inputs + raw
+    merge = inputs + task.method.scratch * elems * F32
+    cast = elems * F32 + elems * element_size(task.output.dtype) if apply and task.output.dtype != COMPUTE_DTYPE else 0
+    return max(load, merge, cast)
 
 
 def fixed_cost(task: TensorTask) -> int:
@@ -130,7 +131,7 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
             for start in range(0, rows, chunk):
                 stop = min(rows, start + chunk)
                 units.append(WorkUnit(i, p, start, stop, (stop - start) * row_cost(task, apply) + fixed))
-    peak = baseline + RESERVE_BYTES + _peak_live(units, workers, work_budget)
+    peak = baseline + RUNTIME_OVERHEAD + _peak_live(units, workers, work_budget)
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .merge_plan import TensorTask
-from .scheduler import RESERVE_BYTES, Schedule
+from .scheduler import RUNTIME_OVERHEAD, Schedule
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def measure_speeds(sample_file: str | None = None) -> Speeds:
 
 def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> tuple[list[tuple[float, int]], float]:
     """([(seconds, predicted RSS)], predicted total seconds)."""
-    base = schedule.baseline + RESERVE_BYTES
+    base = schedule.baseline + RUNTIME_OVERHEAD
     running: list[tuple[float, int]] = []  # (end time, live bytes)
     live, now = 0, 0.0
     points = [(0.0, base)]

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .registry import Tensor, merge_method
+from .row_sums import gram_partial, gram_total
 
 DOT_THRESHOLD = 0.9995
 NORM_EPS = 1e-8
 
 
 def slerp_statistics(base: Tensor, tensors: list[Tensor], **_) -> dict[str, Tensor]:
-    """Per-row float64 sums of base², other² and base·other."""
-    b = base.double().flatten(1) if base.dim() > 1 else base.double().unsqueeze(1)
-    x = tensors[0].double().flatten(1) if base.dim() > 1 else tensors[0].double().unsqueeze(1)
-    return {"bb": (b * b).sum(1), "xx": (x * x).sum(1), "bx": (b * x).sum(1)}
+    """Per-row float64 Gram entries of (base, other): base², other², base·other."""
+    return {"gram": gram_partial([base, tensors[0]])}
 
 
 def slerp_coefficients(t: float, bb: float, xx: float, bx: float) -> tuple[float, float]:
@@ -35,7 +32,8 @@ def slerp_coefficients(t: float, bb: float, xx: float, bx: float) -> tuple[float
 @merge_method("slerp", min_models=1, max_models=1, statistics=slerp_statistics, scratch=1)
 def slerp(base: Tensor, tensors: list[Tensor], t: float, stats: dict) -> Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1); lerp when nearly colinear."""
-    c0, c1 = slerp_coefficients(t, *(float(stats[k].sum()) for k in ("bb", "xx", "bx")))
+    gram = gram_total(stats["gram"])
+    c0, c1 = slerp_coefficients(t, float(gram[0, 0]), float(gram[1, 1]), float(gram[0, 1]))
     out = base * c0
     out.add_(tensors[0], alpha=c1)
     return out
