@@ -167,7 +167,7 @@ def recipe_yaml(method: str) -> str:
         return f"models:\n{body}merge_method: linear\ndtype: bfloat16\n"
     if method == "slerp":
         return f"models:\n  - model: {m[0]}\n  - model: {m[1]}\n{tail}parameters: {{t: 0.5}}\ndtype: bfloat16\n"
-    extra = ", density: 0.5" if method == "ties" else ""
+    extra = ", density: 0.5" if method in ("ties", "dare_ties") else ""
     body = "".join(f"  - model: {p}\n    parameters: {{weight: 0.5{extra}}}\n" for p in m[1:])
     return f"models:\n{body}{tail}dtype: bfloat16\n"
 
@@ -194,7 +194,7 @@ def compare(ours: Path, ref: Path, python: str) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="linear", choices=["linear", "task_arithmetic", "slerp", "ties"])
+    ap.add_argument("--method", default="linear", choices=["linear", "task_arithmetic", "slerp", "ties", "dare_ties"])
     ap.add_argument("--ram", default="2G", help="RAM budget passed to mergeng run --ram")
     ap.add_argument("--tools", default="raw,mergeng,mergekit", help="comma list of raw,mergeng,mergekit")
     ap.add_argument("--mergekit", help="mergekit-yaml path (else $MERGEKIT_YAML, /work/mkvenv/bin/mergekit-yaml)")
@@ -251,6 +251,12 @@ def main() -> int:
         r["x_mergekit"] = r["wall_s"] / ok["mergekit"]["wall_s"] if "mergekit" in ok else None
         r["x_raw"] = r["wall_s"] / ok["raw"]["wall_s"] if "raw" in ok else None
         r["rss_over_budget"] = rss / budget if tool == "mergeng" else None
+        if tool == "mergeng":  # the plan's prediction, recorded by the run, against the OS's figure
+            profile = json.loads((outs["mergeng"] / ".mergeng" / "profile.json").read_text())
+            r["predicted_peak_bytes"] = profile["predicted_peak_bytes"]
+            r["predicted_over_measured"] = profile["predicted_peak_bytes"] / rss
+            print(f"mergeng plan predicted {profile['predicted_peak_bytes'] / GIB:.2f} GiB peak, measured {rss / GIB:.2f} GiB "
+                  f"(ratio {r['predicted_over_measured']:.2f})")
         fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
         print(f"{tool:<9} {args.method:<16} {args.ram if tool == 'mergeng' else '-':>5} {r['wall_s']:>8.1f} "
               f"{r['peak_rss_gib']:>9.2f} {r['tree_peak_bytes'] / GIB:>9.2f} {r['anon_peak_bytes'] / GIB:>9.2f} {fmt(r['x_mergekit'], '10.2f'):>10} "
