@@ -68,8 +68,10 @@ def run(
         _fail(e, debug)
 
 
-def execute(prepared, target: Path, fresh: bool) -> dict:
-    """Run a prepared merge with warnings, a progress bar, a one-line summary and Ctrl-C handling."""
+def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_peak: int = 0) -> dict:
+    """Run a prepared merge with warnings, a progress bar, a one-line summary and Ctrl-C handling.
+
+    `earlier_peak`: RSS peak of work the command did before the merge (e.g. computing MoE routers)."""
     from ..engine.memory import format_size
     from ..engine.run import run_merge
     from .progress import MergeProgress
@@ -84,7 +86,8 @@ def execute(prepared, target: Path, fresh: bool) -> dict:
         console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
         raise typer.Exit(130)
     resumed = " (resumed)" if profile["resumed"] else ""
-    console.print(f"[green]merged[/green] into {target}{resumed}: peak RSS {format_size(profile['peak_rss_bytes'])} "
+    peak = max(profile["peak_rss_bytes"], earlier_peak)
+    console.print(f"[green]{done}[/green] into {target}{resumed}: peak RSS {format_size(peak)} "
                   f"of {format_size(profile['ram_budget_bytes'])} budget", highlight=False)
     return profile
 

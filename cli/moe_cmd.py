@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import DebugOption, MaxUnitOption, RamOption, _budget, _decimal_size, _fail, _max_unit, app, console
+from .app import DebugOption, MaxUnitOption, RamOption, _budget, _decimal_size, _fail, _max_unit, app, execute
 
 
 @app.command()
@@ -26,25 +26,11 @@ def moe(
 
     Example: mergeng moe configs/moe.yml -o merged/moe --ram 2G
     """
-    from ..engine.memory import format_size
     from ..engine.moe import prepare_moe
-    from ..engine.run import run_merge
-    from .progress import MergeProgress
 
     try:
         prepared, build = prepare_moe(config, out_dir, _budget(ram), seed, _decimal_size(shard_size), workers,
                                       _max_unit(max_unit), fresh)
-        for w in prepared.plan.warnings:
-            console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
-        total = sum(t.output.nbytes for t in prepared.plan.tasks)
-        with MergeProgress(console, total) as progress:
-            profile = run_merge(prepared, out_dir, on_start=progress.start, on_progress=progress.advance)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
-        raise typer.Exit(130)
+        execute(prepared, out_dir, fresh=False, done=f"built {build.architecture.hf_class}", earlier_peak=build.gate_peak_rss)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
         _fail(e, debug)
-    resumed = " (resumed)" if profile["resumed"] else ""
-    peak = max(profile["peak_rss_bytes"], build.gate_peak_rss)
-    console.print(f"[green]built[/green] {build.architecture.hf_class} into {out_dir}{resumed}: peak RSS {format_size(peak)} "
-                  f"of {format_size(profile['ram_budget_bytes'])} budget", highlight=False)

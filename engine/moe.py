@@ -2,15 +2,15 @@
 
     moe.yml ─► MoeConfig ─► ModelSources (base, experts) ─► output architecture (a data table)
                   │
-                  └─► routers: computed by moe_gates, written to OUT/.mergeng/moe/routers.safetensors
+                  └─► routers: computed by moe_gates, written to OUT/.mergeng/moe/routers-<key>.safetensors
                       and opened as one more ModelSource
     ─► TensorTasks (copies): every non-MLP tensor from the base, each expert's MLP from its
        source, router rows (and Qwen2-MoE's zero q/k/v biases) from the routers file
     ─► the same ShardLayout / Schedule / run_merge as `run` (budget, streaming, resume).
 
-Invariants: the routers file is a pure function of the config, the base model and the seed
-(its header metadata carries their digest, so the run's fingerprint changes with any of them),
-so a resumed build writes the same bytes. Expert noise (`noise_scale`) is keyed by output
+Invariants: the routers file is a pure function of the config, the base model and the seed;
+its name carries their digest, so the run's fingerprint (which hashes input file names) changes
+with any of them, and a resumed build reuses the file and writes the same bytes. Expert noise (`noise_scale`) is keyed by output
 tensor name and element index, never drawn from a global generator.
 """
 
@@ -43,7 +43,7 @@ from .writer import DEFAULT_SHARD_SIZE, OutputTensor
 GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random"]
 PROMPT_MODES = ("hidden", "hidden_avg", "cheap_embed")
 MOE_DIR = "moe"  # under OUT/.mergeng/
-ROUTERS_FILE = "routers.safetensors"
+ROUTERS_FILE = "routers-{key}.safetensors"  # key: the first 16 hex digits of routers_key
 ROUTERS_LABEL = "computed routers"
 
 
@@ -343,7 +343,7 @@ def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None
         clear_previous_output(out_dir)
     moe_dir = out_dir / STATE_DIR / MOE_DIR
     key = routers_key(text, seed, base)
-    reused = _existing_routers(moe_dir / ROUTERS_FILE, key)
+    reused = _existing_routers(moe_dir / ROUTERS_FILE.format(key=key[:16]), key)
     gate_peak = 0 if reused else _compute_routers(config, arch, base, layers, seed, budget, moe_dir, key, warnings)
     if reused and (moe_dir / "gates.json").exists():
         warnings += json.loads((moe_dir / "gates.json").read_text()).get("warnings", [])
@@ -390,7 +390,7 @@ def _compute_routers(config: MoeConfig, arch: MoeArchitecture, base: ModelSource
                                              n_routed=len(config.experts))
         computed = _computed_tensors(arch, gates, base, layers, len(config.experts))
         del gates
-        _write_routers(moe_dir / ROUTERS_FILE, computed, key)
+        _write_routers(moe_dir / ROUTERS_FILE.format(key=key[:16]), computed, key)
         del computed
     warnings += gate_warnings
     (moe_dir / "gates.json").write_text(json.dumps({"gate_mode": config.gate_mode, "peak_rss_bytes": sampler.peak,
@@ -419,6 +419,8 @@ def _write_routers(path: Path, tensors: dict[str, torch.Tensor], key: str) -> No
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(ROUTERS_FILE.format(key="*")):  # the routers source is every file there
+        stale.unlink()
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"format": "pt", "mergeng_moe_key": key})
     os.replace(tmp, path)

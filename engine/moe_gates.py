@@ -186,8 +186,8 @@ def hidden_summaries(base: ModelSource, layers: int, prompt_ids: list[list[int]]
     trim_heap()
     need = current_rss() + hidden_gate_bytes(base, config, [len(p) for p in prompt_ids]) + RESERVE_BYTES
     if need > budget:
-        raise MergeError(f"--ram {format_size(budget)} is too small for gate_mode hidden: running the prompts through one "
-                         f"decoder layer needs {format_size(need)} in all; the smallest budget that works is {format_size(need)}")
+        raise MergeError(f"--ram {format_size(budget)} is too small for gate_mode hidden, which runs the prompts through one "
+                         f"decoder layer at a time: the smallest budget that works is {format_size(need)}")
     embed = base.tensors[EMBED]
     states = [embed_rows(embed, ids)[None] for ids in prompt_ids]  # [1, L, hidden] each
     rotary = Rotary(config)
