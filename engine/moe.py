@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..methods.keyed_random import stream_key, uniform_rows
 from ..methods.registry import REGISTRY, MergeContext, Tensor, get_method, merge_method
@@ -35,7 +35,7 @@ from .dtypes import RECIPE_DTYPES, dtype_name
 from .errors import MergeError
 from .journal import STATE_DIR
 from .merge_plan import MergePlan, TensorTask, natural_key, resolve_model_path
-from .recipe import InputModel, Recipe
+from .recipe import InputModel, Recipe, parse_yaml_model
 from .scheduler import MAX_UNIT_BYTES
 from .source import ModelSource, TensorInfo
 from .writer import DEFAULT_SHARD_SIZE, OutputTensor
@@ -46,7 +46,6 @@ MOE_DIR = "moe"  # under OUT/.mergeng/
 ROUTERS_FILE = "routers-{key}.safetensors"  # key: the first 16 hex digits of routers_key
 ROUTERS_LABEL = "computed routers"
 
-
 # -- the config file (mergekit-moe's schema) ---------------------------------------------------
 class MoeExpert(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -55,7 +54,6 @@ class MoeExpert(BaseModel):
     negative_prompts: list[str] | None = None
     noise_scale: float | None = None
     residual_scale: float | None = None
-
 
 class MoeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -67,26 +65,10 @@ class MoeConfig(BaseModel):
     dtype: str | None = None
     architecture: str | None = None
 
-
 def parse_moe_config(text: str, origin: str = "moe config") -> MoeConfig:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise MergeError(f"{origin}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{origin}: expected a mapping of fields (base_model, experts, gate_mode, ...)")
-    try:
-        config = MoeConfig.model_validate(data)
-    except ValidationError as e:
-        err = min(e.errors(), key=lambda x: (x["type"] != "extra_forbidden", len(x["loc"])))
-        where = "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + str(p) for i, p in enumerate(err["loc"]))
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        raise MergeError(f"{origin}: field '{where}': {msg}") from None
+    config = parse_yaml_model(text, origin, MoeConfig, "base_model, experts, gate_mode, ...")
     check_config(config, origin)
     return config
-
 
 def check_config(config: MoeConfig, origin: str = "moe config") -> None:
     """The config errors that need no model: expert count, prompts, dtype."""
@@ -109,12 +91,10 @@ def check_config(config: MoeConfig, origin: str = "moe config") -> None:
         raise MergeError(f"{origin}: every expert has the same prompts, so the router could not tell them apart; "
                          f"give each expert prompts for what it should handle")
 
-
 # -- output architectures (data) ----------------------------------------------------------------
 DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
 LAYER = "model.layers.{i}."
 EMBED = "model.embed_tokens.weight"
-
 
 @dataclass(frozen=True)
 class MoeArchitecture:
@@ -136,7 +116,6 @@ class MoeArchitecture:
     qkv_bias: bool = False  # q/k/v biases required (zeros when the inputs lack them)
     attention_bias: bool = False  # may carry biases the inputs have
     config: dict = field(default_factory=dict)  # fixed output config entries
-
 
 MIXTRAL = MoeArchitecture(
     "mixtral", "MixtralForCausalLM", "mixtral", ("llama", "mistral"),
@@ -162,7 +141,6 @@ QWEN3_MOE = MoeArchitecture(
 ARCHITECTURES = {"mixtral": MIXTRAL, "qwen2_moe": QWEN2_MOE, "qwen": QWEN2_MOE, "qwen2": QWEN2_MOE,
                  "qwen3_moe": QWEN3_MOE, "qwen3": QWEN3_MOE}
 
-
 def choose_architecture(config: MoeConfig, model_types: dict[str, str]) -> MoeArchitecture:
     """The config's `architecture`, else the first output that takes the base's type and the shared experts."""
     shared = len(config.shared_experts or [])
@@ -185,7 +163,6 @@ def choose_architecture(config: MoeConfig, model_types: dict[str, str]) -> MoeAr
                              f"{'/'.join(arch.sources)} models")
     return arch
 
-
 # -- expert noise and residual scale ------------------------------------------------------------
 @merge_method("moe_expert", min_models=1, max_models=1, scratch=3)
 def moe_expert(tensors: list[Tensor], ctx: MergeContext, noise_scale: list[float] = 0.0,
@@ -201,9 +178,7 @@ def moe_expert(tensors: list[Tensor], ctx: MergeContext, noise_scale: list[float
         x = x + noise.view(x.shape).mul_(noise_scale[0])
     return x * residual_scale[0] if residual_scale[0] != 1.0 else x
 
-
 MOE_EXPERT = REGISTRY.pop("moe_expert")  # internal to MoE builds: not a recipe method
-
 
 # -- building the plan --------------------------------------------------------------------------
 @dataclass
@@ -215,10 +190,8 @@ class MoeBuild:
     gate_peak_rss: int  # peak RSS while computing routers (0 when reused)
     routers_reused: bool
 
-
 def _model_type(source: ModelSource) -> str:
     return str(source.config.get("model_type", "unknown"))
-
 
 def _output_dtype(config: MoeConfig, base: ModelSource) -> torch.dtype:
     if config.dtype:
@@ -228,13 +201,11 @@ def _output_dtype(config: MoeConfig, base: ModelSource) -> torch.dtype:
         return RECIPE_DTYPES[name]
     return next(i.dtype for i in base.tensors.values() if i.dtype.is_floating_point)
 
-
 def _layer_count(base: ModelSource) -> int:
     n = base.config.get("num_hidden_layers")
     if not isinstance(n, int) or n < 1:
         raise MergeError(f"model '{base.label}': config.json has no num_hidden_layers")
     return n
-
 
 def _mlp_tensors(source: ModelSource, layers: int, role: str) -> dict[tuple[int, str], TensorInfo]:
     """(layer, projection) -> tensor of a dense model's MLP; anything else under `mlp.` is refused."""
@@ -250,7 +221,6 @@ def _mlp_tensors(source: ModelSource, layers: int, role: str) -> dict[tuple[int,
         raise MergeError(f"{role} '{source.label}': MLP tensor '{extra[0]}' has no place in a mixture of experts (MLP biases are not supported)")
     return out
 
-
 def _check_expert_shapes(base: ModelSource, mlps: dict[str, dict], labels: list[str], what: str) -> None:
     first = mlps[labels[0]]
     hidden = base.tensors[EMBED].shape[1] if EMBED in base.tensors else None
@@ -262,7 +232,6 @@ def _check_expert_shapes(base: ModelSource, mlps: dict[str, dict], labels: list[
             if hidden is not None and hidden not in info.shape:
                 raise MergeError(f"{what} '{label}': {info.name} {list(info.shape)} does not fit the base's hidden size {hidden}")
 
-
 def _copy(out_name: str, model: str, info: TensorInfo, dtype: torch.dtype, expert: MoeExpert | None = None,
           residual: bool = False) -> TensorTask:
     out_dtype = dtype if info.dtype.is_floating_point else info.dtype
@@ -273,7 +242,6 @@ def _copy(out_name: str, model: str, info: TensorInfo, dtype: torch.dtype, exper
         return TensorTask(output, None, (info,), (model,), {"noise_scale": [noise], "residual_scale": [scale]}, MOE_EXPERT)
     return TensorTask(output, None, (info,), (model,), {"scale": [scale]}, get_method("passthrough"))
 
-
 def routers_key(config_text: str, seed: int, base: ModelSource) -> str:
     """Digest of everything the computed routers depend on."""
     from .. import __version__
@@ -282,7 +250,6 @@ def routers_key(config_text: str, seed: int, base: ModelSource) -> str:
     for f in base.files:
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()
-
 
 def _existing_routers(path: Path, key: str) -> bool:
     if not path.exists():
@@ -294,7 +261,6 @@ def _existing_routers(path: Path, key: str) -> bool:
     except MergeError:
         return False
     return meta.get("mergeng_moe_key") == key
-
 
 def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None = None, seed: int = 0,
                 shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES,
@@ -363,7 +329,6 @@ def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None
     prepared = prepare_plan(plan, text, budget, shard_size, workers, max_unit_bytes)
     return prepared, MoeBuild(plan, arch, gate_peak, reused)
 
-
 def _base_tasks(base: ModelSource, arch: MoeArchitecture, dtype: torch.dtype) -> list[TensorTask]:
     """Every base tensor outside the MLPs, copied; attention biases only where the output has them."""
     tasks = []
@@ -375,7 +340,6 @@ def _base_tasks(base: ModelSource, arch: MoeArchitecture, dtype: torch.dtype) ->
                 raise MergeError(f"base model '{base.label}': attention bias '{name}' has no place in {arch.name} output")
         tasks.append(_copy(name, base.label, info, dtype))
     return tasks
-
 
 def _compute_routers(config: MoeConfig, arch: MoeArchitecture, base: ModelSource, layers: int, seed: int,
                      budget: int | None, moe_dir: Path, key: str, warnings: list[str]) -> int:
@@ -397,7 +361,6 @@ def _compute_routers(config: MoeConfig, arch: MoeArchitecture, base: ModelSource
                                                     "budget_bytes": budget, "warnings": gate_warnings}, indent=1))
     return sampler.peak
 
-
 def _computed_tensors(arch: MoeArchitecture, gates: list[torch.Tensor], base: ModelSource, layers: int,
                       n_routed: int) -> dict[str, torch.Tensor]:
     """Router weights per layer, Qwen2-MoE's shared-expert gate and zero q/k/v biases, by output name."""
@@ -414,7 +377,6 @@ def _computed_tensors(arch: MoeArchitecture, gates: list[torch.Tensor], base: Mo
                     out[bias] = torch.zeros(base.tensors[weight].shape[0], dtype=torch.float32)
     return out
 
-
 def _write_routers(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
     from safetensors.torch import save_file
 
@@ -424,7 +386,6 @@ def _write_routers(path: Path, tensors: dict[str, torch.Tensor], key: str) -> No
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"format": "pt", "mergeng_moe_key": key})
     os.replace(tmp, path)
-
 
 def output_config(arch: MoeArchitecture, base_config: dict, experts: int, per_token: int, expert_size: int,
                   shared_size: int | None, dtype: torch.dtype, layers: int) -> dict:
@@ -445,7 +406,6 @@ def output_config(arch: MoeArchitecture, base_config: dict, experts: int, per_to
     if "dtype" in cfg:
         cfg["dtype"] = cfg["torch_dtype"]
     return cfg
-
 
 def run_moe(config_path: str | Path, out_dir: str | Path, budget: int | None = None, seed: int = 0, **options) -> dict:
     """Build and run in one call (tests, scripts); returns run_merge's profile plus the gate phase's peak."""

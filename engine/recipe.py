@@ -127,7 +127,8 @@ def _field_path(loc: tuple) -> str:
     return "".join(parts)
 
 
-def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
+def parse_yaml_model(text: str, origin: str, schema: type[BaseModel], fields_hint: str):
+    """YAML text -> a validated pydantic object; any problem is one MergeError line naming the field."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -136,9 +137,9 @@ def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise MergeError(f"{origin}: YAML syntax error{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise MergeError(f"{origin}: expected a mapping of recipe fields (merge_method, models, ...)")
+        raise MergeError(f"{origin}: expected a mapping of fields ({fields_hint})")
     try:
-        recipe = Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         err = _best_error(e.errors())
         msg = err["msg"].removeprefix("Value error, ")
@@ -147,6 +148,10 @@ def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
         elif "parameters" in err["loc"] and len(e.errors()) > 1:
             msg = "expected a number, a list of numbers (gradient) or a list of {filter, value} conditions"
         raise MergeError(f"{origin}: recipe field '{_field_path(err['loc'])}': {msg}") from None
+
+
+def parse_recipe(text: str, origin: str = "recipe") -> Recipe:
+    recipe = parse_yaml_model(text, origin, Recipe, "merge_method, models, ...")
     if (recipe.models is None) == (recipe.slices is None):
         raise MergeError(f"{origin}: give exactly one of 'models' or 'slices'")
     return recipe
