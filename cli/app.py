@@ -192,11 +192,14 @@ def fill_missing(
 
 
 @app.command()
-def methods():
-    """List every merge method with its parameters and defaults."""
-    from .plan_view import render_methods
+def methods(fmt: str = typer.Option("table", "--format", help="table or markdown (the docs/methods.md page).")):
+    """List every merge method with its parameters, defaults and whether a base model is required."""
+    from .methods_view import render_markdown, render_table
 
-    render_methods(out)
+    if fmt == "markdown":
+        print(render_markdown(), end="")
+    else:
+        render_table(out)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 lora_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                        help="Apply LoRA adapters to a base model, or extract one from a fine-tune.")
@@ -75,10 +75,12 @@ def extract(
         report = extract_lora(base, model, out_dir, rank, sv_epsilon, include, exclude, save_module, _budget(ram))
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
         _fail(e, debug)
-    table = Table("module", "shape", "rank", "retained energy", "method", title="extracted", title_justify="left")
+    table = Table(Column("module", overflow="fold"), "shape", "rank", "energy", "svd",
+                  title="retained energy per module (Σ kept σ² / Σ σ²)", title_justify="left")
     for m in report.modules:
         energy = "full tensor" if m.method == "saved" else f"{100 * m.energy:.2f}%"
-        table.add_row(m.module, "×".join(map(str, m.shape)), str(m.rank) if m.method != "saved" else "-", energy, m.method)
+        method = {"svd_lowrank": "randomized", "svd": "full"}.get(m.method, m.method)
+        table.add_row(m.module, "×".join(map(str, m.shape)), str(m.rank) if m.method != "saved" else "-", energy, method)
     out.print(table)
     lora = [m for m in report.modules if m.method != "saved"]
     if lora:
@@ -105,7 +107,7 @@ def render_lora(plan, console: Console) -> None:
     groups = Counter((r["model"], r["adapter"], re.sub(r"\.\d+\.", ".*.", r["tensor"]), r["kind"], r["rank"], r["alpha"], r["scale"])
                      for r in rows)
     for model in dict.fromkeys(r["model"] for r in rows):
-        table = Table("base tensor", "count", "kind", "r", "alpha", "scale", title=f"LoRA on {model}", title_justify="left")
+        table = Table(Column("base tensor", overflow="fold"), "count", "kind", "r", "alpha", "scale", title=f"LoRA on {model}", title_justify="left")
         for (m, adapter, tensor, kind, rank, alpha, scale), n in groups.items():
             if m == model:
                 table.add_row(tensor, str(n), kind, str(rank or "-"), f"{alpha:g}" if rank else "-", f"{scale:g}")

@@ -106,16 +106,3 @@ def render_dot(prepared: Prepared) -> str:
         lines.append(f'  "{a}" -> "{b}";')
     lines.append("}")
     return "\n".join(lines)
-
-
-def render_methods(console: Console) -> None:
-    from ..methods.registry import all_methods
-
-    table = Table("method", "base", "models", "parameters (default)", "description")
-    for m in all_methods().values():
-        params = ", ".join(
-            f"{p.name}{'[per model]' if p.per_model else ''}" + ("" if p.required else f"={p.default}") for p in m.parameters.values()
-        )
-        models = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"-{m.max_models}"))
-        table.add_row(m.name, m.base, models, params, m.description)
-    console.print(table)
