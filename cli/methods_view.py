@@ -21,7 +21,10 @@ def _default(p) -> str:
 
 
 def render_table(console: Console) -> None:
-    table = Table("method", "base", "models besides base", "parameters (default)", "description")
+    table = Table()
+    table.add_column("method", no_wrap=True)  # names must stay whole, even in a narrow terminal
+    for heading in ("base", "models besides base", "parameters (default)", "description"):
+        table.add_column(heading)
     for m in all_methods().values():
         params = ", ".join(f"{p.name}{' (per model)' if p.per_model else ''}={_default(p)}" for p in m.parameters.values())
         table.add_row(m.name, m.base, _models(m), params, m.description)
