@@ -19,6 +19,7 @@ File I/O and torch kernels release the GIL, so a few threads overlap reads, comp
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -39,6 +40,7 @@ from .source import read_rows
 from .writer import ShardWriter
 
 COMMIT_INTERVAL_S = 1.0
+PREFETCH_UNITS = 2  # read-ahead hint this many units ahead of the one starting
 
 
 class Admission:
@@ -103,6 +105,7 @@ class Executor:
         self.done: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.units_run = 0
+        self._prefetch_fds: dict = {}
 
     def run(self, finished: dict[tuple[str, int, int], int]) -> None:
         covered = covered_ranges(finished)
@@ -125,6 +128,8 @@ class Executor:
                 if item is None:
                     return
                 ticket, unit = item
+                if ticket + PREFETCH_UNITS < len(units):
+                    self._prefetch(units[ticket + PREFETCH_UNITS])
                 if not admission.admit(ticket, unit.live_bytes, self.stopping):
                     return
                 try:
@@ -173,6 +178,8 @@ class Executor:
             t.join()
         self._drain(pending)
         self._commit(pending, remaining)
+        for fd in self._prefetch_fds.values():
+            os.close(fd)
         if error is not None:
             raise error
 
@@ -203,6 +210,15 @@ class Executor:
                 states[u.task] = _TaskState(passes, -(-task.output.rows // chunk), [[] for _ in range(passes - 1)], {},
                                             [threading.Event() for _ in range(passes - 1)])
         return states
+
+    def _prefetch(self, unit: WorkUnit) -> None:
+        """Ask the kernel to start reading a later unit's input rows while this one computes."""
+        for _, info in self.tasks[unit.task].all_inputs:
+            with self._lock:
+                fd = self._prefetch_fds.get(info.file)
+                if fd is None:
+                    fd = self._prefetch_fds[info.file] = os.open(info.file, os.O_RDONLY)
+            os.posix_fadvise(fd, info.offset + unit.row_start * info.row_bytes, unit.rows * info.row_bytes, os.POSIX_FADV_WILLNEED)
 
     def _read(self, task: TensorTask, unit: WorkUnit) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         base = _as_compute(read_rows(task.base, unit.row_start, unit.row_stop)) if task.base is not None else None
