@@ -16,7 +16,8 @@ Invariants:
 - Opening a source reads headers and adapter_config.json only, and checks that every adapter
   module matches exactly one base tensor of a compatible shape; otherwise one MergeError names
   the unmatched modules and the closest base names, before any work.
-- A patch computes only the rows asked for (B[start:stop] @ A), so a tensor read in row chunks
+- A patch computes only the rows asked for (B[start:stop] @ A, in fixed row blocks aligned to
+  row 0, since a matmul's rounding depends on its row count), so a tensor read in row chunks
   gives the same bytes as read whole. A and the needed rows of B are read per call and dropped
   after it: their bytes are the patch's `fixed_bytes` / `row_bytes`, budgeted by the scheduler.
 - DoRA normalises each output row of W + ΔW (row-local, chunkable). Where the norm runs down the
@@ -46,6 +47,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 F32 = 4
 COLUMN_NORM_BLOCK_BYTES = 8 << 20
+PRODUCT_BLOCK_BYTES = 2 << 20  # B@A is computed in fixed row blocks of about this size (see LoraPatch.delta)
+MAX_PRODUCT_BLOCK_ROWS = 256
 # leading module-path components a checkpoint may or may not have (text models inside VLMs)
 WRAPPER_PREFIXES = ("base_model", "model", "language_model", "text_model", "llm", "transformer")
 
@@ -127,6 +130,8 @@ def load_adapter(path: Path) -> LoraAdapter:
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise MergeError(f"LoRA adapter {path}: peft_type {peft_type} is not supported (only LORA)")
+    if config.get("layer_replication"):
+        raise MergeError(f"LoRA adapter {path}: layer_replication changes the model's layer stack and is not supported")
     if weights.suffix == ".bin":  # read as headers by the restricted unpickler, never torch.load
         from .torch_bin import read_bin_header
 
@@ -197,10 +202,13 @@ class LoraPatch:
         self.magnitude, self.inner = magnitude, inner
         self.column_dora = magnitude is not None and transposed
         cols = inner.shape[1]
-        # per row: the product row (float32; the base row is added into it, no separate conversion)
-        # and, when B is read by rows, that row of B raw and as float32
-        self.row_bytes = cols * F32 + (0 if transposed else _as_f32_bytes(b) // b.rows)
+        self.product_block_rows = min(MAX_PRODUCT_BLOCK_ROWS, max(8, PRODUCT_BLOCK_BYTES // (cols * F32) // 8 * 8))
+        b_row = 0 if transposed else _as_f32_bytes(b) // b.rows  # a row of B, raw and as float32
+        # per row: the result row (float32; the base row is added into it, no separate conversion)
+        self.row_bytes = cols * F32
+        # once: A (and all of B when transposed), and one product block with its rows of B
         self.fixed_bytes = _as_f32_bytes(a) + (_as_f32_bytes(b) if transposed else 0)
+        self.fixed_bytes += self.product_block_rows * (cols * F32 + b_row)
         if magnitude is not None:
             self.row_bytes += 3 * F32  # magnitude, norm, factor
             if self.column_dora:  # column norms: float64 sums kept, one fixed row block while computing them
@@ -210,12 +218,23 @@ class LoraPatch:
         self._lock = threading.Lock()
 
     def delta(self, start: int, stop: int) -> torch.Tensor:
-        """scale · ΔW[start:stop] in float32 (a fresh tensor)."""
+        """scale · ΔW[start:stop] in float32 (a fresh tensor).
+
+        A matmul's rounding depends on how many rows it is given, so the product is always
+        computed in the same fixed row blocks (aligned to row 0, sized from the shape only) and
+        the rows asked for are copied out: any chunking gives the same bits."""
         a = _f32(read_rows(self.a))
-        if self.transposed:  # rows of (B@A)ᵀ = A[:, rows]ᵀ @ Bᵀ
-            out = a[:, start:stop].T @ _f32(read_rows(self.b)).T
-        else:
-            out = _f32(read_rows(self.b, start, stop)) @ a
+        bt = _f32(read_rows(self.b)).T if self.transposed else None
+        out = torch.empty((stop - start, self.inner.shape[1]), dtype=torch.float32)
+        step = self.product_block_rows
+        for lo in range(start // step * step, stop, step):
+            hi = min(self.inner.rows, lo + step)
+            if self.transposed:  # rows of (B@A)ᵀ = A[:, rows]ᵀ @ Bᵀ
+                block = a[:, lo:hi].T @ bt
+            else:
+                block = _f32(read_rows(self.b, lo, hi)) @ a
+            s, e = max(lo, start), min(hi, stop)
+            out[s - start:e - start] = block[s - lo:e - lo]
         return out.mul_(self.scale)
 
     def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -417,8 +436,8 @@ class LoraSource:
         self.adapter = load_adapter(adapter_path)
         self.path, self.config, self.files = base.path, base.config, base.files
         self.label = label
-        patches, self.lora_modules = _patches_for(self.adapter, base.tensors, base.label)
-        self.lora_modules = list(getattr(base, "lora_modules", [])) + self.lora_modules
+        patches, matched = _patches_for(self.adapter, base.tensors, base.label)
+        self.lora_modules: list[MatchedModule] = list(getattr(base, "lora_modules", [])) + matched
         self.adapter_files = list(getattr(base, "adapter_files", [])) + self.adapter.files
         self.tensors = dict(base.tensors)
         for name, patch in patches.items():

@@ -1,7 +1,7 @@
 """Extract a LoRA adapter from a fine-tune: a per-tensor SVD of (TUNED − BASE), saved in PEFT format.
 
     for each 2-D weight, one at a time:   ΔW = TUNED − BASE   (float32, filled by row chunks)
-        ΔW ≈ U S Vᵀ, top R singular values   (torch.svd_lowrank when R ≤ min(m, n)/4, else torch.linalg.svd)
+        ΔW ≈ U S Vᵀ, top R singular values   (torch.svd_lowrank when 2R+10 ≤ min(m, n)/2, else torch.linalg.svd)
         linear:     B = U·√S, A = √S·Vᵀ            so B @ A = ΔW
         embedding:  B = V·√S, A = √S·Uᵀ            so (B @ A)ᵀ = ΔW, as PEFT's lora_embedding_A/B
     adapter_model.safetensors   factors appended to a data file as they come, header written at the end
@@ -29,9 +29,10 @@ from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_model
 from .memory import current_rss, format_size
 from .source import TensorInfo, read_rows
 
-LOWRANK_MAX_FRACTION = 4  # svd_lowrank when rank ≤ min(m, n) / 4: measured 10-100x faster there, near-optimal residual
-LOWRANK_OVERSAMPLE = 10
-LOWRANK_NITER = 4
+# Randomized SVD with q = 2R + 10 columns and 6 power iterations keeps ≥ 99.9% of the optimal
+# energy even for a flat (noise-like) spectrum; it is used when q ≤ min(m, n)/2, where it measured
+# 10-50x faster than the full SVD (4096², R = 8: 1 s vs 54 s on 2 cores).
+LOWRANK_NITER = 6
 CHUNK_BYTES = 16 << 20
 # last module-path components that name an nn.Embedding (LoRA on them uses lora_embedding_A/B)
 EMBEDDING_NAMES = {"embed_tokens", "wte", "wpe", "word_embeddings", "embed_in", "tok_embeddings", "embed_positions",
@@ -66,8 +67,12 @@ def saved_by(tensor: str, save_modules: list[str]) -> bool:
     return any(p.endswith(s) for p in prefixes for s in save_modules)
 
 
+def lowrank_columns(rank: int) -> int:
+    return 2 * rank + 10
+
+
 def use_lowrank(shape: tuple[int, int], rank: int) -> bool:
-    return rank * LOWRANK_MAX_FRACTION <= min(shape)
+    return 2 * lowrank_columns(rank) <= min(shape)
 
 
 def svd_bytes(shape: tuple[int, int], rank: int) -> int:
@@ -75,7 +80,7 @@ def svd_bytes(shape: tuple[int, int], rank: int) -> int:
     m, n = shape
     k = min(m, n)
     if use_lowrank(shape, rank):
-        q = min(k, rank + LOWRANK_OVERSAMPLE)
+        q = lowrank_columns(rank)
         return 4 * (m * n + 4 * (m + n) * q + 4 * q * q)
     return 4 * (2 * m * n + (m + n) * k + 4 * k * k + 2 * max(m, n))
 
@@ -110,7 +115,7 @@ def factorize(diff: torch.Tensor, rank: int, sv_epsilon: float, seed: int) -> tu
     if use_lowrank(shape, rank):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            u, s, v = torch.svd_lowrank(diff, q=min(min(shape), rank + LOWRANK_OVERSAMPLE), niter=LOWRANK_NITER)
+            u, s, v = torch.svd_lowrank(diff, q=lowrank_columns(rank), niter=LOWRANK_NITER)
         method = "svd_lowrank"
     else:
         u, s, vh = torch.linalg.svd(diff, full_matrices=False)
