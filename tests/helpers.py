@@ -26,6 +26,16 @@ def cli(*args: str):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+def merge(tmp_path: Path, recipe_text: str, *extra: str, name: str = "out") -> Path:
+    """Write a recipe, run `mergeng run` on it into tmp_path/name, assert success, return the folder."""
+    recipe = tmp_path / f"{name}.yml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / name
+    result = cli("run", recipe, "-o", out, *extra)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def load_with_transformers(folder: Path):
     """Load a merged folder as a causal LM; assert nothing missing/unexpected; return finite logits."""
     from transformers import AutoModelForCausalLM

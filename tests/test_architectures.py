@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from helpers import cli, load_tensors
+from helpers import cli, load_tensors, merge
 from vlm_models import (config_of, llava_forward, make_llava, make_qwen2_vl, make_text_llama_for_llava, qwen2_vl_forward,
                         save_as_bin, to_new_llava_layout)
 
@@ -28,13 +28,6 @@ def vlms(tmp_path_factory):
     return m
 
 
-def run(tmp_path, text, name="out", *extra):
-    out = tmp_path / name
-    result = cli("run", write_recipe(tmp_path, text, f"{name}.yml"), "-o", out, *extra)
-    assert result.exit_code == 0, result.output
-    return out, result
-
-
 def linear_recipe(a, b, extra=""):
     return f"merge_method: linear\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\ndtype: float32\n{extra}"
 
@@ -42,7 +35,7 @@ def linear_recipe(a, b, extra=""):
 @pytest.mark.parametrize("pair", [("llava_a", "llava_b"), ("llava_a_new", "llava_b_new")])
 def test_whole_llava_merge_averages_every_tensor_and_runs_with_an_image(tmp_path, vlms, pair):
     a, b = (vlms[k] for k in pair)
-    out, _ = run(tmp_path, linear_recipe(a, b))
+    out = merge(tmp_path, linear_recipe(a, b))
     ta, tb, got = load_tensors(a), load_tensors(b), load_tensors(out)
     assert set(got) == set(ta)
     for name, value in got.items():
@@ -54,7 +47,7 @@ def test_whole_llava_merge_averages_every_tensor_and_runs_with_an_image(tmp_path
 
 def test_qwen2_vl_merge_uses_the_nested_layer_count_and_runs_with_an_image(tmp_path, vlms):
     a, b = vlms["qwen_a"], vlms["qwen_b"]
-    out, _ = run(tmp_path, linear_recipe(a, b))
+    out = merge(tmp_path, linear_recipe(a, b))
     ta, tb, got = load_tensors(a), load_tensors(b), load_tensors(out)
     assert set(got) == set(ta)
     torch.testing.assert_close(got["visual.blocks.1.mlp.fc1.weight"], (ta["visual.blocks.1.mlp.fc1.weight"] + tb["visual.blocks.1.mlp.fc1.weight"]) / 2)
@@ -63,7 +56,7 @@ def test_qwen2_vl_merge_uses_the_nested_layer_count_and_runs_with_an_image(tmp_p
 
 def test_gradients_run_per_layer_stack(tmp_path, vlms):
     a, b = vlms["llava_a"], vlms["llava_b"]
-    out, _ = run(tmp_path, f"""
+    out = merge(tmp_path, f"""
 merge_method: slerp
 base_model: {a}
 models: [{{model: {a}}}, {{model: {b}}}]
@@ -81,7 +74,7 @@ dtype: float32
 
 def test_include_only_the_language_model_keeps_the_vision_tower_bit_identical(tmp_path, vlms):
     a, b = vlms["llava_a"], vlms["llava_b"]
-    out, _ = run(tmp_path, linear_recipe(a, b, "include: ['language_model.*', 'multi_modal_projector.*']\n"))
+    out = merge(tmp_path, linear_recipe(a, b, "include: ['language_model.*', 'multi_modal_projector.*']\n"))
     ta, tb, got = load_tensors(a), load_tensors(b), load_tensors(out)
     vision = [n for n in got if n.startswith("vision_tower.")]
     assert vision and all(torch.equal(got[n], ta[n]) for n in vision)
@@ -92,7 +85,7 @@ def test_include_only_the_language_model_keeps_the_vision_tower_bit_identical(tm
 
 def test_exclude_and_fill_from_take_tensors_from_the_named_model(tmp_path, vlms):
     a, b = vlms["llava_a"], vlms["llava_b"]
-    out, _ = run(tmp_path, linear_recipe(a, b, f"exclude: ['vision_tower.*']\nfill_from: {b}\n"))
+    out = merge(tmp_path, linear_recipe(a, b, f"exclude: ['vision_tower.*']\nfill_from: {b}\n"))
     tb, got = load_tensors(b), load_tensors(out)
     assert all(torch.equal(got[n], tb[n]) for n in got if n.startswith("vision_tower."))
 
@@ -104,7 +97,7 @@ def test_text_llama_merges_into_the_llava_language_model_by_aligned_names(tmp_pa
     plan = json.loads(cli("plan", recipe, "--format", "json").stdout)
     expected = {"": "language_model."} if vlm == "llava_a" else {"model.": "model.language_model.", "lm_head.": "lm_head."}
     assert plan["renamed"][str(text)]["rules"] == {k: v for k, v in expected.items() if k != v}
-    out, _ = run(tmp_path, linear_recipe(v, text))
+    out = merge(tmp_path, linear_recipe(v, text))
     tv, tt, got = load_tensors(v), load_tensors(text), load_tensors(out)
     lm = "language_model.model." if vlm == "llava_a" else "model.language_model."
     name = lm + "layers.1.self_attn.q_proj.weight"
@@ -118,7 +111,7 @@ def test_text_llama_merges_into_the_llava_language_model_by_aligned_names(tmp_pa
 
 def test_explicit_rename_overrides_inferred_alignment(tmp_path, vlms):
     v, text = vlms["llava_a"], vlms["text"]
-    out, _ = run(tmp_path, f"""
+    out = merge(tmp_path, f"""
 merge_method: linear
 base_model: {v}
 models:
@@ -148,14 +141,14 @@ def test_fill_missing_puts_a_text_model_into_the_vlm(tmp_path, vlms):
 
 def test_bin_inputs_give_the_same_result_as_safetensors(tmp_path, vlms):
     a = vlms["llava_a"]
-    st, _ = run(tmp_path, linear_recipe(a, vlms["llava_b"]), "st")
-    pt, _ = run(tmp_path, linear_recipe(a, vlms["llava_b_bin"]), "pt")
+    st = merge(tmp_path, linear_recipe(a, vlms["llava_b"]), name="st")
+    pt = merge(tmp_path, linear_recipe(a, vlms["llava_b_bin"]), name="pt")
     assert (st / "model.safetensors").read_bytes() == (pt / "model.safetensors").read_bytes()
 
 
 def test_slices_on_a_vlm_cut_the_language_stack_and_update_the_nested_config(tmp_path, vlms):
     a = vlms["llava_a"]
-    out, _ = run(tmp_path, f"""
+    out = merge(tmp_path, f"""
 merge_method: passthrough
 slices:
   - sources:

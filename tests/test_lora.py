@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_recipe
-from helpers import cli, load_tensors
+from helpers import cli, load_tensors, merge
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -31,14 +31,6 @@ def make_adapter(base: Path, out: Path, seed: int = 0, edit=None, **config) -> d
     model.save_pretrained(out)
     merged = peft.PeftModel.from_pretrained(load_causal_lm(base), out).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
-
-
-def merge(tmp_path, recipe_text, *extra, name="out"):
-    recipe = write_recipe(tmp_path, recipe_text, f"{name}.yml")
-    out = tmp_path / name
-    result = cli("run", recipe, "-o", out, *extra)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def assert_matches(got: dict, expected: dict, rel: float = 1e-5):

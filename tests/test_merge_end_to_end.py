@@ -6,17 +6,9 @@ import pytest
 import torch
 
 from conftest import write_recipe
-from helpers import cli, gradient, layer_t, load_tensors, load_with_transformers
+from helpers import cli, gradient, layer_t, load_tensors, load_with_transformers, merge
 
 LAYERS = 4
-
-
-def merge(tmp_path, recipe_text, *extra, name="out"):
-    recipe = write_recipe(tmp_path, recipe_text, f"{name}.yml")
-    out = tmp_path / name
-    result = cli("run", recipe, "-o", out, *extra)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def test_linear_with_gradient_and_filter_matches_formula_and_loads(tmp_path, tiny_models):
