@@ -88,10 +88,6 @@ def combine_partials(partials: list[tuple[int, dict]]) -> dict[str, torch.Tensor
     return out
 
 
-def _as_compute(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == COMPUTE_DTYPE else x.to(COMPUTE_DTYPE)
-
-
 class Executor:
     def __init__(self, tasks: list[TensorTask], schedule: Schedule, writer: ShardWriter, journal: Journal,
                  seed: int = 0, on_progress: Callable[[int], None] | None = None):
@@ -221,8 +217,8 @@ class Executor:
             os.posix_fadvise(fd, info.offset + unit.row_start * info.row_bytes, unit.rows * info.row_bytes, os.POSIX_FADV_WILLNEED)
 
     def _read(self, task: TensorTask, unit: WorkUnit) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        base = _as_compute(read_rows(task.base, unit.row_start, unit.row_stop)) if task.base is not None else None
-        inputs = [_as_compute(read_rows(info, unit.row_start, unit.row_stop)) for info in task.inputs]
+        base = read_rows(task.base, unit.row_start, unit.row_stop, COMPUTE_DTYPE) if task.base is not None else None
+        inputs = [read_rows(info, unit.row_start, unit.row_stop, COMPUTE_DTYPE) for info in task.inputs]
         return base, inputs
 
     def _run_unit(self, unit: WorkUnit, state: _TaskState):

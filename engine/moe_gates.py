@@ -30,7 +30,7 @@ import torch
 
 from ..methods.keyed_random import stream_key
 from .errors import MergeError
-from .memory import current_rss, format_size, return_freed_memory_to_os, trim_heap
+from .memory import current_rss, format_size, tune_allocator, trim_heap
 from .scheduler import RESERVE_BYTES
 from .source import ModelSource, TensorInfo, read_rows
 
@@ -182,7 +182,7 @@ def hidden_summaries(base: ModelSource, layers: int, prompt_ids: list[list[int]]
     Layer, Rotary = _decoder_classes(model_type)
     config = AutoConfig.from_pretrained(base.path)
     config._attn_implementation = "eager"
-    return_freed_memory_to_os()
+    tune_allocator()
     trim_heap()
     need = current_rss() + hidden_gate_bytes(base, config, [len(p) for p in prompt_ids]) + RESERVE_BYTES
     if need > budget:

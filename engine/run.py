@@ -16,7 +16,7 @@ from .. import __version__
 from .errors import MergeError
 from .executor import Executor
 from .journal import STATE_DIR, Journal, covered_rows
-from .memory import RssSampler, current_rss, default_budget, return_freed_memory_to_os, trim_heap
+from .memory import RssSampler, current_rss, default_budget, tune_allocator, trim_heap
 from .merge_plan import MergePlan, build_plan, open_sources
 from .recipe import load_recipe
 from .scheduler import MAX_UNIT_BYTES, Schedule, make_schedule, require_feasible
@@ -98,7 +98,7 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
     done_bytes = sum(covered.get(t.output.name, 0) * t.output.row_bytes for t in tasks)
     if on_start:
         on_start(done_bytes)
-    return_freed_memory_to_os()
+    tune_allocator()
     executor = Executor(tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress)
     with RssSampler() as sampler:
         try:

@@ -19,8 +19,9 @@ split into row chunks of equal size; row chunks are contiguous byte ranges in ev
 and in the output. Units are ordered by where their first input lies on disk, so reads move
 forward through the input shards.
 The predicted peak is baseline + the largest sum of live bytes that `workers` consecutive
-units can hold together (never more than the work budget) + the runtime overhead; the reserve
-is headroom kept free on top of that, so an underestimate does not cross the budget.
+units can hold together (never more than the work budget) + the runtime overhead + the freed
+heap the allocator keeps for reuse (memory.tune_allocator); the reserve keeps room for these
+two and a margin, so an underestimate does not cross the budget.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from dataclasses import dataclass, field
 
 from .dtypes import COMPUTE_DTYPE, element_size, row_elements
 from .errors import MergeError
-from .memory import format_size
+from .memory import HEAP_SLACK, format_size
 from .merge_plan import TensorTask
 
-RESERVE_BYTES = 96 << 20  # admitted work stays this far below the budget
-RUNTIME_OVERHEAD = 32 << 20  # what running adds besides unit buffers (threads, journal, progress): predicted, measured
-MAX_UNIT_BYTES = 256 << 20  # beyond this, bigger units only delay overlap and progress
+RUNTIME_OVERHEAD = 32 << 20  # what running adds besides unit buffers (threads, journal, progress): measured
+# freed heap kept for reuse (memory.tune_allocator) and runtime overhead: predicted, and kept free
+RESERVE_BYTES = HEAP_SLACK + RUNTIME_OVERHEAD + (32 << 20)
+# one unit's working set; its buffers then stay under memory.HEAP_BUFFER_LIMIT and are reused
+MAX_UNIT_BYTES = 64 << 20
 F32 = element_size(COMPUTE_DTYPE)
 
 
@@ -131,7 +134,7 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
             for start in range(0, rows, chunk):
                 stop = min(rows, start + chunk)
                 units.append(WorkUnit(i, p, start, stop, (stop - start) * row_cost(task, apply) + fixed))
-    peak = baseline + RUNTIME_OVERHEAD + _peak_live(units, workers, work_budget)
+    peak = baseline + RUNTIME_OVERHEAD + HEAP_SLACK + _peak_live(units, workers, work_budget)
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes)
 
 

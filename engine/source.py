@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -96,27 +97,53 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return tensors, metadata
 
 
-def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> torch.Tensor:
+STAGING_BYTES = 4 << 20
+_staging = threading.local()
+
+
+def _pread_into(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], pos + done)
+        if n == 0:
+            raise MergeError(f"{info.file}: truncated while reading tensor '{info.name}'", exit_code=1)
+        done += n
+
+
+def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None, as_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read rows [start, stop) of a tensor into a fresh buffer (the whole tensor by default).
 
-    The one way bytes are read from a model; a patched tensor comes back patched, as float32."""
+    The one way bytes are read from a model. With `as_dtype`, the rows arrive converted: they
+    are read through a small per-thread staging buffer and converted into the result, so the
+    only large allocation is the result itself (same-sized buffers reuse well, see
+    memory.tune_allocator). A patched tensor comes back patched, as float32."""
     stop = info.rows if stop is None else stop
+    shape = ((stop - start),) + info.shape[1:] if info.shape else ()
+    pos = info.offset + start * info.row_bytes
     nbytes = (stop - start) * info.row_bytes
-    buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read into
-    view = memoryview(buf.numpy()).cast("B")
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        done, pos = 0, info.offset + start * info.row_bytes
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n == 0:
-                raise MergeError(f"{info.file}: truncated while reading tensor '{info.name}'", exit_code=1)
-            done += n
+        if as_dtype is None or as_dtype == info.dtype or info.patch is not None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read into
+            _pread_into(fd, memoryview(buf.numpy()).cast("B"), pos, info)
+            rows = buf.view(info.dtype).reshape(shape)
+            if info.patch is not None:
+                return info.patch.apply(rows, start, stop)
+            return rows
+        out = torch.empty(shape, dtype=as_dtype)
+        flat = out.view(-1)
+        staging = getattr(_staging, "buffer", None)
+        if staging is None:
+            staging = _staging.buffer = torch.empty(STAGING_BYTES, dtype=torch.uint8)
+        elem = element_size(info.dtype)
+        step = STAGING_BYTES // elem * elem
+        for offset in range(0, nbytes, step):
+            length = min(step, nbytes - offset)
+            _pread_into(fd, memoryview(staging.numpy()).cast("B")[:length], pos + offset, info)
+            flat[offset // elem:(offset + length) // elem].copy_(staging[:length].view(info.dtype))
+        return out
     finally:
         os.close(fd)
-    shape = ((stop - start),) + info.shape[1:] if info.shape else ()
-    rows = buf.view(info.dtype).reshape(shape)
-    return info.patch.apply(rows, start, stop) if info.patch is not None else rows
 
 
 class ModelSource:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .merge_plan import TensorTask
+from .memory import HEAP_SLACK
 from .scheduler import RUNTIME_OVERHEAD, Schedule
 
 
@@ -53,7 +54,7 @@ def measure_speeds(sample_file: str | None = None) -> Speeds:
 
 def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> tuple[list[tuple[float, int]], float]:
     """([(seconds, predicted RSS)], predicted total seconds)."""
-    base = schedule.baseline + RUNTIME_OVERHEAD
+    base = schedule.baseline + RUNTIME_OVERHEAD + HEAP_SLACK
     running: list[tuple[float, int]] = []  # (end time, live bytes)
     live, now = 0, 0.0
     points = [(0.0, base)]
