@@ -47,10 +47,10 @@ def _ranks(numel: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=4)
-def _sample(seed: int, tensor_name: str, numel: int) -> Tensor:
-    """Sorted flat indices of the importance sample (with replacement)."""
+def _sample(seed: int, tensor_name: str, numel: int, size: int) -> Tensor:
+    """Sorted flat indices of the importance sample (`size` draws with replacement)."""
     key = keyed_random.stream_key(seed, tensor_name, 0, "arcee_fusion.sample")
-    return keyed_random.sample_indices(key, SAMPLE_SIZE, numel).sort().values
+    return keyed_random.sample_indices(key, size, numel).sort().values
 
 
 def _sampled_values(values: Tensor, flat_start: int, ctx: MergeContext, numel: int) -> Tensor:
@@ -58,7 +58,7 @@ def _sampled_values(values: Tensor, flat_start: int, ctx: MergeContext, numel: i
     flat = values.reshape(-1)
     if numel <= SAMPLE_SIZE:
         return flat.unsqueeze(1)
-    sample = _sample(ctx.seed, ctx.tensor_name, numel)
+    sample = _sample(ctx.seed, ctx.tensor_name, numel, SAMPLE_SIZE)
     lo, hi = torch.searchsorted(sample, torch.tensor([flat_start, flat_start + flat.numel()])).tolist()
     return flat[sample[lo:hi] - flat_start].unsqueeze(1)
 
@@ -88,7 +88,7 @@ def _selection_pass(index: int):
 
 
 @merge_method("arcee_fusion", min_models=1, max_models=1,
-              statistics=[_selection_pass(k) for k in range(SELECTION_PASSES)], scratch=2)
+              statistics=[_selection_pass(k) for k in range(SELECTION_PASSES)], scratch=1)
 def arcee_fusion(base: Tensor, tensors: list[Tensor], stats: dict, ctx: MergeContext) -> Tensor:
     """base + (x − base) where the change's importance is an outlier."""
     shape = base.shape

@@ -4,8 +4,9 @@ There is no generator state. A number is a pure function of its key and its coun
 
     key      = 64-bit BLAKE2b digest of (seed, tensor name, model index, stream name)
     counter  = the element's flat index in the whole tensor (or a sample number)
-    bits     = splitmix64(key + (counter + 1) · 0x9E3779B97F4A7C15)
-    uniform  = top 24 bits of `bits` / 2^24, a float32 in [0, 1)
+    bits     = splitmix64(key + (counter // 2 + 1) · 0x9E3779B97F4A7C15)
+    uniform  = bits 63..40 (even counter) or 39..16 (odd counter) of `bits` / 2^24,
+               a float32 in [0, 1) (one 64-bit mix serves two neighbouring elements)
 
 splitmix64 is the finalizer of Steele, Lea & Flood's SplittableRandom (a bijective 64-bit mix
 that passes BigCrush when fed a Weyl sequence). It is written with torch int64 ops: products
@@ -42,30 +43,34 @@ def stream_key(seed: int, tensor_name: str, model: int, stream: str) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
 
 
-def _shift_right(z: Tensor, bits: int) -> Tensor:
+def _shift_right(z: Tensor, bits: int, out: Tensor | None = None) -> Tensor:
     """Logical right shift of int64 bit patterns."""
-    return torch.bitwise_and(torch.bitwise_right_shift(z, bits), (1 << (64 - bits)) - 1)
+    out = torch.bitwise_right_shift(z, bits, out=out) if out is not None else torch.bitwise_right_shift(z, bits)
+    return out.bitwise_and_((1 << (64 - bits)) - 1)
 
 
 def random_bits(key: int, counters: Tensor) -> Tensor:
     """int64 splitmix64 outputs for int64 `counters` (any shape)."""
-    z = (counters + 1) * GOLDEN
-    z += key
-    z ^= _shift_right(z, 30)
-    z *= MIX1
-    z ^= _shift_right(z, 27)
-    z *= MIX2
-    z ^= _shift_right(z, 31)
-    return z
+    z = (counters + 1).mul_(GOLDEN).add_(key)
+    scratch = torch.empty_like(z)
+    z.bitwise_xor_(_shift_right(z, 30, scratch)).mul_(MIX1)
+    z.bitwise_xor_(_shift_right(z, 27, scratch)).mul_(MIX2)
+    return z.bitwise_xor_(_shift_right(z, 31, scratch))
 
 
 def uniform(key: int, start: int, count: int) -> Tensor:
-    """float32 [count] uniforms in [0, 1) for counters start, start+1, ..., start+count-1."""
+    """float32 [count] uniforms in [0, 1) for counters start, start+1, ..., start+count-1.
+
+    One splitmix64 output serves two neighbouring counters 2j, 2j+1: bits 63..40 and 39..16.
+    """
     out = torch.empty(count, dtype=torch.float32)
     for a in range(0, count, BLOCK_ELEMENTS):
         b = min(count, a + BLOCK_ELEMENTS)
-        bits = random_bits(key, torch.arange(start + a, start + b, dtype=torch.int64))
-        out[a:b] = _shift_right(bits, 40).to(torch.float32).mul_(2.0 ** -24)
+        first, last = (start + a) >> 1, (start + b - 1) >> 1
+        bits = random_bits(key, torch.arange(first, last + 1, dtype=torch.int64))
+        pairs = torch.stack([_shift_right(bits, 40), _shift_right(bits, 16).bitwise_and_(0xFFFFFF)], 1).view(-1)
+        offset = (start + a) - 2 * first
+        out[a:b] = pairs[offset:offset + (b - a)].to(torch.float32).mul_(2.0 ** -24)
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .registry import Tensor, merge_method
-from .row_sums import at_least_1d, gram_partial, gram_total, row_blocks, row_sums
+from .row_sums import as_rows, at_least_1d, gram_partial, gram_total, row_blocks, row_sums
 
 
 def _per_vector(base: Tensor, filter_wise: bool) -> bool:
@@ -27,7 +27,7 @@ def model_stock_statistics(base: Tensor, tensors: list[Tensor], filter_wise: boo
 
 
 def mean_pairwise_cosine(g: Tensor) -> Tensor:
-    """[..., n, n] Gram matrices -> [...] mean over pairs i < j of clamp(g_ij / clamp(‖δ_i‖‖δ_j‖, 1e-6), −1, 1)."""
+    """[..., n, n] Gram matrices -> [...]: mean over i < j of clamp(g_ij / max(‖δ_i‖‖δ_j‖, 1e-6), −1, 1)."""
     n = g.shape[-1]
     norms = g.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
     cosines = [(g[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
@@ -43,31 +43,33 @@ def interpolation_factor(cos: Tensor, n: int) -> Tensor:
     return torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos), denominator))
 
 
-@merge_method("model_stock", min_models=2, statistics=model_stock_statistics, scratch=2)
+@merge_method("model_stock", min_models=2, statistics=model_stock_statistics, scratch=1)
 def model_stock(base: Tensor, tensors: list[Tensor], stats: dict, filter_wise: bool = False) -> Tensor:
     """t·mean(models) + (1 − t)·base, t from the task vectors' mean pairwise cosine."""
     shape = base.shape
     base, tensors = at_least_1d(base), [at_least_1d(x) for x in tensors]
     n = len(tensors)
-    average = tensors[0].clone()
-    for x in tensors[1:]:
-        average += x
-    average /= n
-    if not _per_vector(base, filter_wise):
+    b_rows, views = as_rows(base), [as_rows(x) for x in tensors]
+    per_vector = _per_vector(base, filter_wise)
+    if not per_vector:
         t = interpolation_factor(mean_pairwise_cosine(gram_total(stats["model_stock.gram"])), n)
+    last = base.shape[-1]
+    out = torch.empty_like(b_rows)
+    for lo, hi in row_blocks(*b_rows.shape):
+        average = views[0][lo:hi].clone()
+        for x in views[1:]:
+            average += x[lo:hi]
+        average /= n
+        b = b_rows[lo:hi]
+        if per_vector:  # t per last-dimension vector
+            average, b = average.view(-1, last), b.reshape(-1, last)
+            deltas = [x[lo:hi].reshape(-1, last) - b for x in views]
+            g = torch.empty(b.shape[0], n, n, dtype=torch.float64)
+            for i in range(n):
+                for j in range(i, n):
+                    g[:, i, j] = g[:, j, i] = row_sums(deltas[i] * deltas[j]).double()
+            t = interpolation_factor(mean_pairwise_cosine(g), n).unsqueeze(1)
         average *= t
-        average += base * (1 - t)
-        return average.reshape(shape)
-    last = shape[-1]
-    b, out = base.reshape(-1, last), average.view(-1, last)
-    xs = [x.reshape(-1, last) for x in tensors]
-    for lo, hi in row_blocks(b.shape[0], last):
-        deltas = [(x[lo:hi] - b[lo:hi]) for x in xs]
-        g = torch.empty(hi - lo, n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                g[:, i, j] = g[:, j, i] = row_sums(deltas[i] * deltas[j]).double()
-        t = interpolation_factor(mean_pairwise_cosine(g), n).unsqueeze(1)
-        out[lo:hi] *= t
-        out[lo:hi] += b[lo:hi] * (1 - t)
-    return average.reshape(shape)
+        average += b * (1 - t)
+        out[lo:hi] = average.view(hi - lo, -1)
+    return out.view(shape)

@@ -5,16 +5,21 @@ w = clamp(t / max(|base − x|, 1e-6), 0, 1); result w·x + (1 − w)·base. Ele
 
 from __future__ import annotations
 
+import torch
+
 from .registry import Tensor, merge_method
+from .row_sums import as_rows, row_blocks
 
 
-@merge_method("nearswap", min_models=1, max_models=1, scratch=2)
+@merge_method("nearswap", min_models=1, max_models=1, scratch=1)
 def nearswap(base: Tensor, tensors: list[Tensor], t: float) -> Tensor:
     """Interpolate towards the other model by t / |base − x| (clamped to [0, 1])."""
-    x = tensors[0]
-    distance = (base - x).abs_().clamp_(min=1e-6)
-    weight = (t / distance).clamp_(0, 1)
-    del distance
-    out = weight * x
-    out += weight.neg_().add_(1).mul_(base)  # (1 − w)·base
-    return out
+    b_rows, x_rows = as_rows(base), as_rows(tensors[0])
+    out = torch.empty_like(b_rows)
+    for lo, hi in row_blocks(*b_rows.shape):
+        b, x = b_rows[lo:hi], x_rows[lo:hi]
+        weight = (t / (b - x).abs_().clamp_(min=1e-6)).clamp_(0, 1)
+        merged = weight * x
+        merged += weight.neg_().add_(1).mul_(b)  # (1 − w)·base
+        out[lo:hi] = merged
+    return out.view(base.shape)

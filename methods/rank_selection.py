@@ -49,19 +49,43 @@ _LOW_BINS = 16
 NOTHING = -1  # cut key when no element is below (rank <= 0)
 EVERYTHING = 1 << 32  # cut key when every element is below (rank >= n)
 
+# Keys are held as int32: the unsigned key minus 2^31, so that int32 order is key order.
+_SIGN = 1 << 31
 
-def order_keys(values: Tensor, descending: bool = False) -> Tensor:
-    """int64 keys in [0, 2^32) whose order is the order of the float32 `values`."""
-    bits = (values + 0.0).view(torch.int32).to(torch.int64)
-    keys = torch.where(bits >= 0, bits + (1 << 31), ((1 << 31) - 1) - torch.bitwise_and(bits, 0x7FFFFFFF))
-    return ((1 << 32) - 1) - keys if descending else keys
+
+def order_keys(values: Tensor, descending: bool = False, nonnegative: bool = False) -> Tensor:
+    """int32 keys (unsigned key − 2^31) whose order is the order of the float32 `values`.
+
+    A non-negative float's bit pattern already sorts as an int32; a negative one's magnitude
+    bits are flipped. `nonnegative` promises values ≥ +0.0 (|δ|, variances) and skips that.
+    """
+    if nonnegative:
+        keys = values.contiguous().view(torch.int32)
+    else:
+        bits = (values + 0.0).view(torch.int32)  # −0.0 → +0.0
+        keys = torch.where(bits < 0, bits.bitwise_xor(0x7FFFFFFF), bits)
+    return keys.bitwise_not() if descending else keys
+
+
+def _top(keys: Tensor) -> Tensor:
+    """Bits 31..18 of the unsigned keys, as bin numbers."""
+    return torch.bitwise_right_shift(keys, _TOP_SHIFT).add_(_BINS // 2)
+
+
+def _prefix(keys: Tensor) -> Tensor:
+    """Bits 31..4 of the unsigned keys, minus 2^27 (compare with `_signed_prefix`)."""
+    return torch.bitwise_right_shift(keys, _MID_SHIFT)
+
+
+def _signed_prefix(top: int, mid: int) -> int:
+    return ((top << 14) | mid) - (1 << 27)
 
 
 def key_value(key: int, descending: bool = False) -> float:
-    """The float32 value whose key is `key`."""
+    """The float32 value whose (unsigned) key is `key`."""
     if descending:
         key = (1 << 32) - 1 - key
-    bits = key - (1 << 31) if key >= 1 << 31 else (((1 << 31) - 1) - key) | (1 << 31)
+    bits = key - _SIGN if key >= _SIGN else (_SIGN - 1 - key) | _SIGN
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
@@ -89,14 +113,19 @@ def _locate(hist: Tensor, rank: int) -> tuple[int, int]:
 class RankSelection:
     """One selection problem: cuts at given ranks through the values of one tensor."""
 
-    def __init__(self, name: str, descending: bool, per_row: bool = True, sums: bool = False):
+    def __init__(self, name: str, descending: bool, per_row: bool = True, sums: bool = False,
+                 nonnegative: bool = False):
         self.name = name
         self.descending = descending
         self.per_row = per_row
         self.sums = sums
+        self.nonnegative = nonnegative
 
     def _key(self, part: str) -> str:
         return f"{self.name}.{part}"
+
+    def keys(self, values: Tensor) -> Tensor:
+        return order_keys(values, self.descending, self.nonnegative)
 
     # -- statistics passes -------------------------------------------------------------------
 
@@ -107,8 +136,7 @@ class RankSelection:
             h0 = torch.zeros(_BINS, dtype=torch.int64)
             sums = torch.zeros(rows, dtype=torch.float64) if self.sums else None
             for first, values in blocks:
-                h0 += torch.bincount(torch.bitwise_right_shift(order_keys(values, self.descending), _TOP_SHIFT).reshape(-1),
-                                     minlength=_BINS)
+                h0 += torch.bincount(_top(self.keys(values)).reshape(-1), minlength=_BINS)
                 if sums is not None:
                     sums[first:first + values.shape[0]] = row_sums(values.double())
             return {self._key("h0"): h0, **({self._key("all"): sums} if sums is not None else {})}
@@ -116,11 +144,11 @@ class RankSelection:
         if index == 1:
             h1 = torch.zeros(len(ranks), _BINS, dtype=torch.int64)
             for _, values in blocks:
-                keys = order_keys(values, self.descending).reshape(-1)
-                top = torch.bitwise_right_shift(keys, _TOP_SHIFT)
+                keys = self.keys(values).reshape(-1)
+                top = _top(keys)
                 for t, path in enumerate(paths):
                     if path is not None:
-                        mid = torch.bitwise_and(torch.bitwise_right_shift(keys[top == path[0]], _MID_SHIFT), _BINS - 1)
+                        mid = torch.bitwise_right_shift(keys[top == path[0]], _MID_SHIFT).bitwise_and_(_BINS - 1)
                         h1[t] += torch.bincount(mid, minlength=_BINS)
             return {self._key("h1"): h1}
         return self._last_partial(blocks, rows, paths)
@@ -130,29 +158,34 @@ class RankSelection:
         if not self.per_row:
             h2 = torch.zeros(cuts, _LOW_BINS, dtype=torch.int64)
         else:
-            h2 = torch.zeros(rows, cuts, _LOW_BINS, dtype=torch.float64)
-            below = torch.zeros(rows, cuts, dtype=torch.float64)
-            equal = torch.zeros(rows, cuts, _LOW_BINS, dtype=torch.float64)
+            h2 = None  # per-row counts: the narrowest float that holds a row's count exactly
+            if self.sums:
+                below = torch.zeros(rows, cuts, dtype=torch.float64)
+                equal = torch.zeros(rows, cuts, _LOW_BINS, dtype=torch.float64)
         for first, values in blocks:
-            keys = order_keys(values, self.descending)
-            prefix = torch.bitwise_right_shift(keys, _MID_SHIFT)
-            low = torch.bitwise_and(keys, _LOW_BINS - 1)
-            br = values.shape[0]
-            if self.per_row:
-                slot = torch.arange(br, dtype=torch.int64).unsqueeze(1) * _LOW_BINS + low
+            keys = self.keys(values)
+            prefix = _prefix(keys)
+            br, cols = values.shape
+            if h2 is None:
+                dtype = torch.float16 if cols <= 2048 else torch.float32 if cols <= 1 << 24 else torch.float64
+                h2 = torch.zeros(rows, cuts, _LOW_BINS, dtype=dtype)
             for t, path in enumerate(paths):
                 if path is None:
                     continue
-                match = prefix == ((path[0] << 14) | path[1])
+                target = _signed_prefix(path[0], path[1])
+                where = (prefix == target).view(-1).nonzero().squeeze(1)  # few: keys sharing 28 bits
+                low = keys.view(-1)[where].bitwise_and(_LOW_BINS - 1).to(torch.int64)
                 if not self.per_row:
-                    h2[t] += torch.bincount(low[match], minlength=_LOW_BINS)
+                    h2[t] += torch.bincount(low, minlength=_LOW_BINS)
                     continue
-                h2[first:first + br, t] = torch.bincount(slot[match], minlength=br * _LOW_BINS).view(br, _LOW_BINS).double()
+                slot = torch.div(where, cols, rounding_mode="floor") * _LOW_BINS + low
+                h2[first:first + br, t] = torch.bincount(slot, minlength=br * _LOW_BINS).view(br, _LOW_BINS).to(h2.dtype)
                 if self.sums:
-                    v = values.double()
-                    below[first:first + br, t] = row_sums(torch.where(prefix < ((path[0] << 14) | path[1]), v, 0.0))
-                    equal[first:first + br, t] = torch.bincount(slot[match], weights=v[match],
+                    below[first:first + br, t] = row_sums(torch.where(prefix < target, values, 0.0).double())
+                    equal[first:first + br, t] = torch.bincount(slot, weights=values.view(-1)[where].double(),
                                                                 minlength=br * _LOW_BINS).view(br, _LOW_BINS)
+        if h2 is None:
+            h2 = torch.zeros(rows, cuts, _LOW_BINS, dtype=torch.float32)
         out = {self._key("h2"): h2}
         if self.per_row and self.sums:
             out[self._key("lt")] = below
@@ -178,9 +211,6 @@ class RankSelection:
 
     # -- apply pass --------------------------------------------------------------------------
 
-    def total_count(self, stats: dict) -> int:
-        return int(stats[self._key("h0")].sum())
-
     def cuts(self, stats: dict, ranks: list[int]) -> list[Cut]:
         """The cuts at `ranks`, from the combined statistics of all three passes."""
         paths = self._paths(stats, ranks, 2)
@@ -203,10 +233,9 @@ class RankSelection:
             row_ties = torch.zeros(counts.shape[0] + 1, dtype=torch.int64)
             torch.cumsum(counts[:, b2], 0, out=row_ties[1:])
             sum_below = None
-            if self.sums:
-                per_row = stats[self._key("lt")][:, t] + row_sums(stats[self._key("eq")][:, t, :b2]) if b2 else \
-                    stats[self._key("lt")][:, t].clone()
-                sum_below = float(total(per_row)) + ties * key_value(key, self.descending)
+            if self.sums:  # Σ below the 28-bit prefix, + its low digits below b2, + the tied elements below
+                per_row = stats[self._key("lt")][:, t] + row_sums(stats[self._key("eq")][:, t, :b2].contiguous())
+                sum_below = float(total(per_row)) + (ties * key_value(key, self.descending) if ties else 0.0)
             out.append(Cut(r, key, ties, row_ties, sum_below))
         return out
 
@@ -220,11 +249,11 @@ class RankSelection:
             return torch.zeros(values.shape, dtype=torch.bool)
         if cut.key == EVERYTHING:
             return torch.ones(values.shape, dtype=torch.bool)
-        keys = order_keys(values, self.descending)
-        out = keys < cut.key
+        keys = self.keys(values)
+        out = keys < cut.key - _SIGN
         if cut.ties_before == 0:
             return out
-        tied = keys == cut.key
+        tied = keys == cut.key - _SIGN
         rows = values.shape[0]
         before = cut.row_ties[first_row:first_row + rows]
         after = cut.row_ties[first_row + 1:first_row + rows + 1]

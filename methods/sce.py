@@ -17,7 +17,7 @@ from .registry import MergeContext, Tensor, merge_method
 from .row_sums import as_rows, at_least_1d, row_blocks, row_sums, total
 from .task_vectors import SignConsensus
 
-_SELECTION = RankSelection("sce", descending=True)
+_SELECTION = RankSelection("sce", descending=True, nonnegative=True)
 
 
 def _variance(base: Tensor, tensors: list[Tensor], a: int, b: int) -> Tensor:

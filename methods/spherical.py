@@ -23,7 +23,8 @@ import torch
 
 from ..engine.errors import MergeError
 from .registry import MergeContext, Tensor, merge_method
-from .row_sums import BUCKETS, as_rows, at_least_1d, column_sum_partial, column_sum_total, gram_partial, gram_total, row_blocks, row_sums
+from .row_sums import (BUCKETS, as_rows, at_least_1d, column_sum_partial, column_sum_total, gram_partial, gram_total,
+                       row_blocks, row_sums)
 
 # --- nuslerp ------------------------------------------------------------------------------------
 
@@ -35,12 +36,6 @@ def _nuslerp_vectors(x: Tensor, flatten: bool, row_wise: bool) -> str:
     return "columns" if row_wise else "rows"
 
 
-def _nuslerp_pair(base: Tensor | None, tensors: list[Tensor]) -> tuple[Tensor, Tensor]:
-    if base is None:
-        return tensors[0], tensors[1]
-    return tensors[0] - base, tensors[1] - base
-
-
 def nuslerp_statistics(base: Tensor | None, tensors: list[Tensor], nuslerp_flatten: bool, nuslerp_row_wise: bool,
                        **_) -> dict[str, Tensor]:
     """Whole-tensor (per-row float64) or per-column (exact int64) sums of v0², v1², v0·v1."""
@@ -48,13 +43,14 @@ def nuslerp_statistics(base: Tensor | None, tensors: list[Tensor], nuslerp_flatt
     kind = _nuslerp_vectors(tensors[0], nuslerp_flatten, nuslerp_row_wise)
     if kind == "rows":
         return {}
-    v0, v1 = (as_rows(v) for v in _nuslerp_pair(base, tensors))
     if kind == "tensor":
-        return {"nuslerp.gram": gram_partial([v0, v1])}
-    rows, cols = v0.shape
+        return {"nuslerp.gram": gram_partial(tensors, minus=base)}
+    x0, x1 = as_rows(tensors[0]), as_rows(tensors[1])
+    b_rows = as_rows(base) if base is not None else None
+    rows, cols = x0.shape
     acc = torch.zeros(3, cols, BUCKETS, dtype=torch.int64)
     for a, b in row_blocks(rows, cols):
-        p, q = v0[a:b].double(), v1[a:b].double()
+        p, q = ((x[a:b] if b_rows is None else x[a:b] - b_rows[a:b]).double() for x in (x0, x1))
         for k, product in enumerate((p * p, q * q, p * q)):
             acc[k] += column_sum_partial(product)
     return {"nuslerp.columns": acc}
@@ -66,13 +62,14 @@ def slerp_coefficients(t: float, aa: Tensor, bb: Tensor, ab: Tensor) -> tuple[Te
     colinear = (1 - cos * cos) <= 1e-16
     theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
     sin = torch.sin(theta)
-    safe = torch.where(colinear | (sin == 0), torch.ones_like(sin), sin)
-    c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / safe)
-    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / safe)
+    lerp = colinear | (sin == 0)
+    safe = torch.where(lerp, torch.ones_like(sin), sin)
+    c0 = torch.where(lerp, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / safe)
+    c1 = torch.where(lerp, torch.full_like(cos, t), torch.sin(t * theta) / safe)
     return c0, c1
 
 
-@merge_method("nuslerp", min_models=2, max_models=2, statistics=nuslerp_statistics, scratch=2)
+@merge_method("nuslerp", min_models=2, max_models=2, statistics=nuslerp_statistics, scratch=1)
 def nuslerp(tensors: list[Tensor], weight: list[float], stats: dict, base: Tensor | None = None,
             nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False) -> Tensor:
     """Spherical interpolation of two models (of their task vectors with a base), t = w1/(w0+w1)."""
@@ -81,30 +78,29 @@ def nuslerp(tensors: list[Tensor], weight: list[float], stats: dict, base: Tenso
     total_weight = weight[0] + weight[1]
     t = 0.5 if abs(total_weight) < 1e-6 else weight[1] / total_weight
     kind = _nuslerp_vectors(tensors[0], nuslerp_flatten, nuslerp_row_wise)
-    v0, v1 = _nuslerp_pair(base, tensors)
     if kind == "tensor":
         g = gram_total(stats["nuslerp.gram"])
-        c0, c1 = slerp_coefficients(t, g[0, 0], g[1, 1], g[0, 1])
-        out = v0 * float(c0)
-        out += v1 * float(c1)
+        c0, c1 = (float(c) for c in slerp_coefficients(t, g[0, 0], g[1, 1], g[0, 1]))
     elif kind == "columns":
         aa, bb, ab = (column_sum_total(acc) for acc in stats["nuslerp.columns"])
-        c0, c1 = slerp_coefficients(t, aa, bb, ab)
-        out = as_rows(v0) * c0.float()
-        out += as_rows(v1) * c1.float()
-    else:
-        last = shape[-1]
-        r0, r1 = v0.reshape(-1, last), v1.reshape(-1, last)
-        out = torch.empty_like(r0)
-        for a, b in row_blocks(r0.shape[0], last):
-            p, q = r0[a:b], r1[a:b]
-            c0, c1 = slerp_coefficients(t, row_sums(p * p).double(), row_sums(q * q).double(), row_sums(p * q).double())
-            out[a:b] = p * c0.float().unsqueeze(1)
-            out[a:b] += q * c1.float().unsqueeze(1)
-    out = out.reshape(tensors[0].shape)
-    if base is not None:
-        out += base
-    return out.reshape(shape)
+        c0, c1 = (c.float() for c in slerp_coefficients(t, aa, bb, ab))
+    x0, x1 = as_rows(tensors[0]), as_rows(tensors[1])
+    b_rows = as_rows(base) if base is not None else None
+    out = torch.empty_like(x0)
+    last = shape[-1] if len(shape) else 1
+    for a, b in row_blocks(*x0.shape):
+        p, q = (x[a:b] if b_rows is None else x[a:b] - b_rows[a:b] for x in (x0, x1))
+        if kind == "rows":  # one vector per last-dimension slice
+            p, q = p.view(-1, last), q.view(-1, last)
+            c0, c1 = (c.float().unsqueeze(1) for c in slerp_coefficients(
+                t, row_sums(p * p).double(), row_sums(q * q).double(), row_sums(p * q).double()))
+        merged = p * c0
+        merged += q * c1
+        merged = merged.view(b - a, -1)
+        if b_rows is not None:
+            merged += b_rows[a:b]
+        out[a:b] = merged
+    return out.view(shape)
 
 
 # --- multislerp ---------------------------------------------------------------------------------
@@ -118,20 +114,22 @@ def gram_statistics(tensors: list[Tensor], base: Tensor | None = None, **_) -> d
 
 
 def _combine(tensors: list[Tensor], coefficients: list[float], base: Tensor | None = None) -> Tensor:
-    """base + Σ c_i·(x_i − base) (Σ c_i·x_i without a base), in input order."""
-    out = None
-    for x, c in zip(tensors, coefficients):
-        term = x if base is None else x - base
-        if out is None:
-            out = term * c
-        else:
-            out += term.mul_(c) if base is not None else term * c
-    if base is not None:
-        out += base
-    return out
+    """base + Σ c_i·(x_i − base) (Σ c_i·x_i without a base), in input order, a row block at a time."""
+    views = [as_rows(x) for x in tensors]
+    b_rows = as_rows(base) if base is not None else None
+    out = torch.empty_like(views[0])
+    for a, b in row_blocks(*out.shape):
+        merged = None
+        for x, c in zip(views, coefficients):
+            term = (x[a:b] if b_rows is None else x[a:b] - b_rows[a:b]) * c
+            merged = term if merged is None else merged.add_(term)
+        if b_rows is not None:
+            merged += b_rows[a:b]
+        out[a:b] = merged
+    return out.view(tensors[0].shape)
 
 
-@merge_method("multislerp", min_models=1, statistics=gram_statistics, scratch=2)
+@merge_method("multislerp", min_models=1, statistics=gram_statistics, scratch=1)
 def multislerp(tensors: list[Tensor], weight: list[float], stats: dict, ctx: MergeContext, base: Tensor | None = None,
                normalize_weights: bool = True, eps: float = 1e-8) -> Tensor:
     """Barycentric interpolation on the hypersphere (around the base when given)."""

@@ -144,7 +144,7 @@ class Magnitude(Sparsifier):
         d = job.density[i]
         if d >= 1 or d <= 0 or job.numel == 0:
             return None
-        return RankSelection(f"tv{i}", descending=True, sums=job.rescale), [max(1, int(d * job.numel))]
+        return RankSelection(f"tv{i}", descending=True, sums=job.rescale, nonnegative=True), [max(1, int(d * job.numel))]
 
     def statistics(self, index: int, job: TaskVectors) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -188,7 +188,7 @@ class MagnitudeOutliers(Magnitude):
         band = self._band(i, job)
         if len(band) == 0:
             return None
-        return RankSelection(f"tv{i}", descending=False, sums=job.rescale), [band.start, band.stop]
+        return RankSelection(f"tv{i}", descending=False, sums=job.rescale, nonnegative=True), [band.start, band.stop]
 
     def plan(self, i: int, job: TaskVectors) -> Sparsity:
         found = self._selection(i, job)
