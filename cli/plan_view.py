@@ -25,7 +25,7 @@ def plan_summary(prepared: Prepared) -> dict:
         "ram_budget_bytes": s.budget,
         "min_ram_bytes": s.min_budget,
         "baseline_bytes": s.baseline,
-        "read_bytes": read_bytes(plan.tasks),
+        "read_bytes": read_bytes(plan.tasks, s.chunk_rows),
         "write_bytes": prepared.layout.total_bytes,
         "tensors": len(plan.tasks),
         "shards": [{"file": sh.file_name, "bytes": sh.size, "tensors": len(sh.tensors)} for sh in prepared.layout.shards],

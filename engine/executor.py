@@ -223,7 +223,8 @@ class Executor:
 
     def _run_unit(self, unit: WorkUnit, state: _TaskState):
         task = self.tasks[unit.task]
-        if unit.pass_index > 0:
+        whole = unit.row_start == 0 and unit.row_stop == task.output.rows  # statistics run inline
+        if unit.pass_index > 0 and not whole:
             while not state.pass_done[unit.pass_index - 1].wait(0.1):
                 if self.stopping.is_set():
                     return None
@@ -242,7 +243,7 @@ class Executor:
                         state.partials[unit.pass_index] = []
                         state.pass_done[unit.pass_index].set()
                 return None
-            out = task.method(base, inputs, task.params, ctx, state.stats if task.method.statistics else None)
+            out = task.method(base, inputs, task.params, ctx, None if whole or not task.method.statistics else state.stats)
             del base, inputs
             if out.shape != (unit.rows,) + task.output.shape[1:] and task.output.shape:
                 raise MergeError(f"tensor '{task.output.name}': method {task.method.name} returned shape {list(out.shape)}", exit_code=1)

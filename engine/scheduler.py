@@ -44,7 +44,8 @@ F32 = element_size(COMPUTE_DTYPE)
 @dataclass(frozen=True)
 class WorkUnit:
     task: int  # index into the plan's tasks
-    pass_index: int  # 0..len(statistics)-1: statistics passes; len(statistics): apply
+    pass_index: int  # 0..len(statistics)-1: statistics passes; len(statistics): apply (with inline
+    # statistics when the unit holds every row of its tensor)
     row_start: int
     row_stop: int
     live_bytes: int
@@ -128,9 +129,11 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
         chunk = -(-rows // chunks)  # equal chunks
         chunk_rows[i] = chunk
         merge_bytes[task.output.name] = chunk * per_row + fixed
-        passes = len(task.method.statistics) + 1
-        for p in range(passes):
-            apply = p == passes - 1
+        # a tensor computed in one chunk reads its inputs once: the method runs its statistics
+        # passes on the rows it holds (same partials, hence same bytes, as passes over chunks)
+        passes = statistics_passes(task, chunk) + 1
+        for p in range(len(task.method.statistics) + 1 - passes, len(task.method.statistics) + 1):
+            apply = p == len(task.method.statistics)
             for start in range(0, rows, chunk):
                 stop = min(rows, start + chunk)
                 units.append(WorkUnit(i, p, start, stop, (stop - start) * row_cost(task, apply) + fixed))
@@ -138,11 +141,16 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes)
 
 
-def read_bytes(tasks: list[TensorTask]) -> int:
+def statistics_passes(task: TensorTask, chunk_rows: int) -> int:
+    """Separate statistics passes a tensor needs: none when one chunk holds all its rows."""
+    return len(task.method.statistics) if chunk_rows < task.output.rows else 0
+
+
+def read_bytes(tasks: list[TensorTask], chunk_rows: list[int]) -> int:
     """Exact bytes a run reads: every input's rows, once per pass (statistics passes re-read)."""
     total = 0
-    for task in tasks:
-        passes = len(task.method.statistics) + 1
+    for task, chunk in zip(tasks, chunk_rows):
+        passes = statistics_passes(task, chunk) + 1
         total += passes * sum(info.row_bytes * task.output.rows for _, info in task.all_inputs)
     return total
 

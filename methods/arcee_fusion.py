@@ -88,7 +88,7 @@ def _selection_pass(index: int):
 
 
 @merge_method("arcee_fusion", min_models=1, max_models=1,
-              statistics=[_selection_pass(k) for k in range(SELECTION_PASSES)], scratch=1)
+              statistics=[_selection_pass(k) for k in range(SELECTION_PASSES)], scratch=3)
 def arcee_fusion(base: Tensor, tensors: list[Tensor], stats: dict, ctx: MergeContext) -> Tensor:
     """base + (x − base) where the change's importance is an outlier."""
     shape = base.shape

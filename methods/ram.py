@@ -42,7 +42,7 @@ def _merge(base: Tensor, tensors: list[Tensor], epsilon: float, unique_scale: li
     return out.view(base.shape)
 
 
-@merge_method("ram", min_models=1, scratch=1)
+@merge_method("ram", min_models=1, scratch=2)
 def ram(base: Tensor, tensors: list[Tensor], epsilon: float = 1e-5) -> Tensor:
     """base + the unique task-vector entries + the mean of the shared ones."""
     return _merge(base, tensors, epsilon, [1.0] * len(tensors))
@@ -61,7 +61,7 @@ def ramplus_statistics(base: Tensor, tensors: list[Tensor], epsilon: float, **_)
     return {"ram.counts": out}
 
 
-@merge_method("ramplus_tl", min_models=1, statistics=ramplus_statistics, scratch=1)
+@merge_method("ramplus_tl", min_models=1, statistics=ramplus_statistics, scratch=2)
 def ramplus_tl(base: Tensor, tensors: list[Tensor], stats: dict, r: float = 0.1, alpha: float = 0.2,
                epsilon: float = 1e-5) -> Tensor:
     """RAM with each model's unique entries boosted by its shared/unique overlap ratio (tensor-local)."""

@@ -89,7 +89,7 @@ def sce_energy(base: Tensor, tensors: list[Tensor], select_topk: float, ctx: Mer
 
 
 @merge_method("sce", min_models=1, statistics=[*(_selection_pass(k) for k in range(SELECTION_PASSES)), sce_energy],
-              scratch=5)
+              scratch=6)
 def sce(base: Tensor, tensors: list[Tensor], stats: dict, ctx: MergeContext, select_topk: float = 1.0,
         int8_mask: bool = False) -> Tensor:
     """Variance-selected, energy-weighted, sign-elected task vectors added to the base."""

@@ -68,3 +68,14 @@ def test_plan_refuses_a_budget_below_the_smallest_unit(llama70b_recipe):
     assert result.exit_code == 1
     plan = json.loads(result.stdout)
     assert not plan["feasible"] and plan["min_ram_bytes"] > 100 << 20
+
+
+def test_html_plan_is_one_page_with_the_predicted_and_measured_memory(tmp_path, tiny_models):
+    from helpers import merge
+
+    recipe_text = f"merge_method: linear\nmodels: [{{model: {tiny_models['base']}}}, {{model: {tiny_models['a']}}}]\n"
+    out = merge(tmp_path, recipe_text)
+    page = cli("plan", tmp_path / "out.yml", "--format", "html", "--profile", out).stdout
+    assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
+    assert "<svg" in page and "predicted" in page and "measured peak" in page
+    assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
