@@ -22,9 +22,6 @@ class LayerName:
     index: int
     rest: str
 
-    def renumbered(self, index: int) -> str:
-        return f"{self.stack}.{index}.{self.rest}"
-
 
 def parse_layer_name(name: str, stacks: dict[str, int]) -> LayerName | None:
     """The stack, layer index and suffix of `name`, or None if it is outside every stack."""

@@ -44,14 +44,6 @@ class Journal:
             self.db.execute("DELETE FROM chunks")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint, sort_keys=True),))
 
-    def set_meta(self, key: str, value) -> None:
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
-
-    def get_meta(self, key: str):
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
     def finished_chunks(self) -> dict[tuple[str, int, int], int]:
         return {(t, a, b): crc for t, a, b, crc in self.db.execute("SELECT tensor, row_start, row_stop, crc32 FROM chunks")}
 

@@ -105,7 +105,6 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
             executor.run(finished)
         finally:
             writer.close()
-            journal.set_meta("profile_rss", sampler.timeline[-2000:])
     writer.write_index()
     from .output_files import write_output_files
 
