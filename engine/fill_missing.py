@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..architectures.alignment import align
 from .errors import MergeError
-from .merge_plan import MergePlan, _Builder
+from .merge_plan import MergePlan, PlanBuilder
 from .recipe import Recipe
 from .source import ModelSource
 
@@ -27,7 +27,7 @@ def build_fill_missing_plan(donor_path: Path, part_path: Path) -> MergePlan:
         raise MergeError("--donor and --part are the same folder")
     sources = {donor_label: ModelSource(donor_path, label=donor_label), part_label: ModelSource(part_path, label=part_label)}
     recipe = Recipe(merge_method="passthrough", models=[{"model": donor_label}], base_model=donor_label)
-    builder = _Builder(recipe, sources)
+    builder = PlanBuilder(recipe, sources)
     donor_shapes = {n: i.shape for n, i in sources[donor_label].tensors.items()}
     part_shapes = {n: i.shape for n, i in sources[part_label].tensors.items()}
     aligned = align(part_shapes, donor_shapes)

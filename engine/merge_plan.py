@@ -114,7 +114,9 @@ def resolve_params(method: MergeMethod, output_name: str, t: float, global_level
     return values
 
 
-class _Builder:
+class PlanBuilder:
+    """Turns a recipe's models or slices into tasks; also lends `copy_task` to commands that make their own plans."""
+
     def __init__(self, recipe: Recipe, sources: dict[str, ModelSource]):
         self.recipe = recipe
         self.sources = sources
@@ -314,7 +316,7 @@ class _Builder:
 
 
 def build_plan(recipe: Recipe, sources: dict[str, ModelSource]) -> MergePlan:
-    builder = _Builder(recipe, sources)
+    builder = PlanBuilder(recipe, sources)
     if recipe.models is not None:
         tasks, donor = builder.models_form()
         layers = None
