@@ -438,13 +438,13 @@ class LoraSource:
         self.label = label
         patches, matched = _patches_for(self.adapter, base.tensors, base.label)
         self.lora_modules: list[MatchedModule] = list(getattr(base, "lora_modules", [])) + matched
-        self.adapter_files = list(getattr(base, "adapter_files", [])) + self.adapter.files
         self.tensors = dict(base.tensors)
         for name, patch in patches.items():
             self.tensors[name] = replace(base.tensors[name], patch=patch)
 
-    def file_fingerprint(self) -> list[tuple[str, int]]:
-        return self.base.file_fingerprint() + [(f.name, f.stat().st_size) for f in self.adapter.files]
+    def fingerprint(self) -> str:
+        """The base's fingerprint (an inner overlay's included) and the adapter files' contents."""
+        return self.base.fingerprint() + ":" + adapter_digest(self.adapter.files)
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return read_rows(self.tensors[name], start, stop)

@@ -54,15 +54,7 @@ def fingerprint(prepared: Prepared) -> dict:
     """What must not change between an interrupted run and its resumption."""
     h = hashlib.sha256()
     for label, src in prepared.plan.sources.items():
-        h.update(label.encode())
-        for f in src.files:
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-        for name, info in src.tensors.items():  # the headers, whatever the file format
-            h.update(f"{name}:{info.file.name}:{info.offset}:{info.dtype}:{info.shape}".encode())
-        if getattr(src, "adapter_files", None):  # LoRA overlays: adapters are small, hash their whole content
-            from .lora import adapter_digest
-
-            h.update(adapter_digest(src.adapter_files).encode())
+        h.update(f"{label}:{src.fingerprint()}".encode())
     return {
         "engine": __version__,
         "recipe": prepared.recipe_text,

@@ -8,6 +8,7 @@ against its header, so a truncated download is reported by file name before any 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -203,9 +204,15 @@ class ModelSource:
             return [self.path / f for f in files]
         return [single] if single.exists() else []
 
-    def file_fingerprint(self) -> list[tuple[str, int]]:
-        """(file name, size) of each weight file: what a resumed run checks for changed inputs."""
-        return [(f.name, f.stat().st_size) for f in self.files]
+    def fingerprint(self) -> str:
+        """Digest of the weight files' names and sizes and every tensor's header entry, whatever
+        the file format: what a resumed run compares to detect changed inputs."""
+        h = hashlib.sha256()
+        for f in self.files:
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+        for name, info in self.tensors.items():
+            h.update(f"{name}:{info.file.name}:{info.offset}:{info.dtype}:{info.shape}".encode())
+        return h.hexdigest()
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return read_rows(self.tensors[name], start, stop)
