@@ -25,6 +25,9 @@ out = Console()
 
 RamOption = typer.Option(None, "--ram", help="Peak RSS ceiling for the whole process, e.g. 2G, 512M, 64G (binary units). Default: 80% of available memory.")
 DebugOption = typer.Option(False, "--debug", help="Show tracebacks.")
+ShardSizeOption = typer.Option("5G", "--shard-size", help="Largest output shard (decimal units as transformers uses: 5G = 5e9 bytes).")
+WorkersOption = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes.")
+FreshOption = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over.")
 MaxUnitOption = typer.Option(None, "--max-unit", help="Largest working set of one unit of work (e.g. 64M); smaller units mean more row chunks.", hidden=True)
 
 
@@ -49,9 +52,9 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. Default: ./merged/<recipe stem>."),
     ram: Optional[str] = RamOption,
-    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard (decimal units as transformers uses: 5G = 5e9 bytes)."),
-    workers: int = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes."),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over."),
+    shard_size: str = ShardSizeOption,
+    workers: int = WorkersOption,
+    fresh: bool = FreshOption,
     max_unit: Optional[str] = MaxUnitOption,
     debug: bool = DebugOption,
 ):
@@ -112,8 +115,8 @@ def _decimal_size(text: str) -> int:
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
     ram: Optional[str] = RamOption,
-    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
-    workers: int = typer.Option(2, "--workers", help="Worker threads."),
+    shard_size: str = ShardSizeOption,
+    workers: int = WorkersOption,
     fmt: str = typer.Option("text", "--format", help="text, json, dot (Graphviz) or html (a self-contained page)."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="With --format html: overlay the measured RSS of a finished run in this output folder."),
     max_unit: Optional[str] = MaxUnitOption,
@@ -170,8 +173,8 @@ def fill_missing(
     part: Path = typer.Option(..., "--part", help="The model whose tensors replace the donor's (e.g. a fine-tuned language model)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     ram: Optional[str] = RamOption,
-    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
-    fresh: bool = typer.Option(False, "--fresh", help="Start over in an output folder holding an interrupted run."),
+    shard_size: str = ShardSizeOption,
+    fresh: bool = FreshOption,
     debug: bool = DebugOption,
 ):
     """Write DONOR with every tensor PART also has replaced by PART's (names aligned across layouts).

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
+from .app import DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption
+
 lora_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                        help="Apply LoRA adapters to a base model, or extract one from a fine-tune.")
 
@@ -24,12 +26,12 @@ def apply(
     base: Path = typer.Option(..., "--base", help="Base model folder."),
     adapter: List[Path] = typer.Option(..., "--adapter", help="PEFT adapter folder; repeat to stack adapters (applied in order)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
-    ram: Optional[str] = typer.Option(None, "--ram", help="Peak RSS ceiling, e.g. 2G."),
-    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard."),
-    workers: int = typer.Option(2, "--workers", help="Worker threads."),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over."),
-    max_unit: Optional[str] = typer.Option(None, "--max-unit", hidden=True),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    ram: Optional[str] = RamOption,
+    shard_size: str = ShardSizeOption,
+    workers: int = WorkersOption,
+    fresh: bool = FreshOption,
+    max_unit: Optional[str] = MaxUnitOption,
+    debug: bool = DebugOption,
 ):
     """Merge LoRA adapter(s) into a base model: BASE + scale·B@A per tensor, streamed.
 
@@ -62,7 +64,7 @@ def extract(
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Regex: leave out modules whose name matches."),
     save_module: List[str] = typer.Option([], "--save-module", help="Module saved in full (PEFT modules_to_save), e.g. embed_tokens, lm_head; repeatable."),
     ram: Optional[str] = typer.Option(None, "--ram", help="Peak RSS ceiling, e.g. 2G: checked against the largest tensor's SVD before any work."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: bool = DebugOption,
 ):
     """Extract a PEFT LoRA adapter such that BASE + adapter ≈ MODEL (per-tensor SVD of MODEL − BASE).
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import DebugOption, MaxUnitOption, RamOption, _budget, _decimal_size, _fail, _max_unit, app, execute
+from .app import DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption, _budget, _decimal_size, _fail, _max_unit, app, execute
 
 
 @app.command()
@@ -16,9 +16,9 @@ def moe(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     ram: Optional[str] = RamOption,
     seed: int = typer.Option(0, "--seed", help="Seed of random gate modes and expert noise."),
-    shard_size: str = typer.Option("5G", "--shard-size", help="Largest output shard (decimal units: 5G = 5e9 bytes)."),
-    workers: int = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes."),
-    fresh: bool = typer.Option(False, "--fresh", help="Discard an interrupted build in the output folder and start over."),
+    shard_size: str = ShardSizeOption,
+    workers: int = WorkersOption,
+    fresh: bool = FreshOption,
     max_unit: Optional[str] = MaxUnitOption,
     debug: bool = DebugOption,
 ):
