@@ -75,11 +75,14 @@ def _budget(ram: Optional[str]) -> Optional[int]:
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
     out_path: Optional[Path] = typer.Argument(None, help="Output folder, as mergekit-yaml's OUT_PATH (or -o). Default: ./merged/<recipe stem>.", show_default=False),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (or the second argument)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", "--out-path", help="Output folder (or the second argument)."),
     ram: Optional[str] = RamOption,
     shard_size: str = ShardSizeOption,
     workers: int = WorkersOption,
     fresh: bool = FreshOption,
+    intermediate_dir: Optional[Path] = typer.Option(
+        None, "--intermediate-dir", "-I", help="Multi-stage recipes: write each named stage to DIR/NAME and read it from "
+        "there (mergekit-multi's way). Default: stages are computed in memory, row chunk by row chunk."),
     seed: Optional[int] = typer.Option(None, "--seed", "--random-seed", help="Seed for random methods (DARE, DELLA); overrides the recipe's seed:."),
     strict: bool = StrictOption,
     truncate_vocab: bool = TruncateVocabOption,
@@ -122,16 +125,17 @@ def run(
                              lora_merge_dtype=lora_merge_dtype, num_threads=num_threads)
     run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
-               copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags)
+               copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
+               intermediate_dir=intermediate_dir)
 
 
 def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[Path] = None, *, ram: Optional[str] = None,
                shard_size: str = "5B", workers: int = 2, fresh: bool = False, seed: Optional[int] = None,
                strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
-               quiet: bool = False, flags: Optional[mk.MergekitFlags] = None) -> None:
+               quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None) -> None:
     """`mergeng run` with plain arguments (also `lora apply`'s body)."""
-    from ..engine.run import prepare
+    from ..engine.run import prepare, prepared_stages_on_disk
 
     try:
         target = output_folder(recipe, out_path, out_dir)
@@ -140,8 +144,16 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
             for note in notes:
                 console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
         mk.set_num_threads(flags.num_threads if flags else None)
-        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit),
-                           seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+        sizes = (_budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit))
+        if intermediate_dir is not None:
+            peak = 0
+            for stage, prepared, stage_target in prepared_stages_on_disk(recipe, intermediate_dir, target, *sizes, **options):
+                profile = execute(prepared, stage_target, fresh, done=f"{stage.label} merged", earlier_peak=peak, quiet=quiet,
+                                  copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+                peak = max(peak, profile["peak_rss_bytes"])
+            return
+        prepared = prepare(recipe, *sizes, **options)
         if verbose:
             from .plan_view import render_text
 

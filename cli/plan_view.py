@@ -16,6 +16,7 @@ from ..engine.memory import format_size
 from ..engine.output_config import config_changes
 from ..engine.run import Prepared
 from ..engine.scheduler import read_bytes
+from ..engine.stages import computations, leaf_sources
 from .lora_cmd import render_lora
 
 
@@ -43,7 +44,15 @@ def plan_summary(prepared: Prepared) -> dict:
         "config_changes": config_changes(plan.sources[plan.config_donor].config, plan.config),
         "dropped": plan.dropped,
         "copied": sum(1 for t in plan.report if t["action"] == "copied"),
+        "stages": _stages_summary(prepared),
     }
+
+
+def _stages_summary(prepared: Prepared) -> list[dict]:
+    """A multi-stage recipe's stages, output last, with how often each intermediate is computed."""
+    computed = computations(prepared.plan.tasks, prepared.schedule.chunk_rows)
+    return [{**stage, "computed": round(computed.get(stage["name"], 0) / max(stage["tensors"], 1), 2)
+             if stage is not prepared.plan.stages[-1] else 1} for stage in prepared.plan.stages]
 
 
 def _vocabulary_summary(plan) -> dict | None:
@@ -59,7 +68,7 @@ def with_estimate(prepared: Prepared, summary: dict) -> tuple[dict, list]:
     """Add the estimated run time (from a quick speed probe) and return the predicted timeline."""
     from ..engine.timeline import measure_speeds, simulate
 
-    first = next(iter(prepared.plan.sources.values())).files[0]
+    first = next(f for src in leaf_sources(prepared.plan.sources).values() for f in src.files)
     points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first)))
     return {**summary, "estimated_seconds": round(seconds, 2)}, points
 
@@ -69,8 +78,9 @@ def render_text(prepared: Prepared, console: Console) -> None:
     plan = prepared.plan
     console.print(f"[bold]merge[/bold] {plan.recipe.merge_method} of {len(plan.sources)} models → {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
     inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")
+    stage_names = {st["name"] for st in summary["stages"]}
     for label, src in plan.sources.items():
-        inputs.add_row(label, str(src.path), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
+        inputs.add_row(label, "(stage, computed in memory)" if label in stage_names else str(src.path), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
     console.print(inputs)
     if summary["config_changes"]:
         console.print("config.json changes: " + "; ".join(summary["config_changes"]), highlight=False, markup=False)
@@ -82,6 +92,14 @@ def render_text(prepared: Prepared, console: Console) -> None:
     if plan.modules:
         console.print("modules: " + ", ".join(f"{m} ({n} tensors)" for m, n in plan.modules.items()), highlight=False)
     render_lora(plan, console)
+    if summary["stages"]:
+        stages = Table("stage", "method", "reads", "tensors", "bytes", "layers", "computed", title="stages (in order; fused in memory)",
+                       title_justify="left")
+        for st in summary["stages"]:
+            stages.add_row(st["name"] or "(output)", st["method"], ", ".join(st["models"]), str(st["tensors"]),
+                           format_size(st["bytes"]), str(st["layers"] or ""),
+                           "written" if st is summary["stages"][-1] else f"{st['computed']:g}x per tensor")
+        console.print(stages)
     layers = Table("layer", "tensors", "read", "written", title="per layer", title_justify="left")
     stacks = find_layer_stacks([t.output.name for t in plan.tasks])
     groups: dict[str, list] = defaultdict(list)

@@ -6,9 +6,14 @@
       + its statistics partial (a statistics pass)          or
       + the whole tensor's statistics (an unchunked tensor, whose passes run inline)
 
-    tensor state (a chunked tensor with statistics passes)
+    tensor state (a chunked tensor)
       = its combined statistics (engine/statistics.py), held from its first statistics unit
         to its last apply unit
+      + what its computed inputs hold between reads (held_bytes: a multi-stage
+        intermediate's whole-tensor statistics)
+
+    a computed input (a multi-stage intermediate, engine/stages.py) costs, per row read, the
+    unit cost of the stage tensor that makes it (recursively) plus its result rows
 
 The scheduler sizes chunks and predicts the peak with these numbers, the executor admits
 units by them, and the plan prints them: nobody else does budget arithmetic for a merge.
@@ -27,6 +32,7 @@ import torch
 from ..methods.registry import MergeContext
 from .dtypes import COMPUTE_DTYPE, element_size, row_elements
 from .merge_plan import TensorTask
+from .source import ComputedRows
 
 F32 = element_size(COMPUTE_DTYPE)
 PROBE_ROWS = 2
@@ -51,6 +57,11 @@ def row_cost(task: TensorTask, apply: bool = True) -> int:
     merge = inputs + task.method.scratch * elems * F32
     cast = elems * F32 + elems * element_size(task.output.dtype) if apply and task.output.dtype != COMPUTE_DTYPE else 0
     return max(load, merge, cast)
+
+
+def held_bytes(task: TensorTask) -> int:
+    """Bytes `task`'s computed inputs hold from its first unit to its last (ComputedRows.held_bytes)."""
+    return sum(info.patch.held_bytes for _, info in task.all_inputs if isinstance(info.patch, ComputedRows))
 
 
 def fixed_cost(task: TensorTask) -> int:

@@ -34,16 +34,14 @@ from typing import Callable
 
 import torch
 
-from ..methods.registry import MergeContext
 from .cost_model import is_plain_copy
-from .dtypes import COMPUTE_DTYPE
-from .errors import MergeError
 from .journal import Journal, covered_ranges, is_covered
 from .memory import RssGauge, trim_heap
 from .merge_plan import TensorTask
 from .scheduler import RUNTIME_OVERHEAD, Schedule, WorkUnit
-from .source import read_rows
+from .source import ComputedRows, aligned_stored_inputs, read_rows
 from .statistics import TensorStatistics
+from .tensor_rows import apply_method, read_inputs, statistics_partial
 from .writer import ShardWriter
 
 COMMIT_INTERVAL_S = 1.0
@@ -221,6 +219,9 @@ class Executor:
                 return
             del ended[unit.task]
             self._statistics.pop(unit.task, None)
+        for _, info in self.tasks[unit.task].all_inputs:
+            if isinstance(info.patch, ComputedRows):
+                info.patch.release()  # e.g. an intermediate's statistics, held across this tensor's units
         if self.schedule.state_bytes[unit.task]:
             admission.release(self.schedule.state_bytes[unit.task])
 
@@ -243,17 +244,12 @@ class Executor:
 
     def _prefetch(self, unit: WorkUnit) -> None:
         """Ask the kernel to start reading a later unit's input rows while this one computes."""
-        for _, info in self.tasks[unit.task].all_inputs:
+        for info in aligned_stored_inputs(info for _, info in self.tasks[unit.task].all_inputs):
             with self._lock:
                 fd = self._prefetch_fds.get(info.file)
                 if fd is None:
                     fd = self._prefetch_fds[info.file] = os.open(info.file, os.O_RDONLY)
             os.posix_fadvise(fd, info.offset + unit.row_start * info.row_bytes, unit.rows * info.row_bytes, os.POSIX_FADV_WILLNEED)
-
-    def _read(self, task: TensorTask, unit: WorkUnit) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        base = read_rows(task.base, unit.row_start, unit.row_stop, COMPUTE_DTYPE) if task.base is not None else None
-        inputs = [read_rows(info, unit.row_start, unit.row_stop, COMPUTE_DTYPE) for info in task.inputs]
-        return base, inputs
 
     def _tensor_statistics(self, unit: WorkUnit) -> TensorStatistics:
         """The statistics state of a chunked tensor, made when its first unit starts."""
@@ -275,24 +271,22 @@ class Executor:
                 if self.stopping.is_set():
                     admission.loaded(unit.live_bytes)
                     return None
-        ctx = MergeContext(task.output.name, unit.row_start, unit.row_stop, task.output.rows, self.seed)
         if is_apply and is_plain_copy(task):
             out = read_rows(task.inputs[0], unit.row_start, unit.row_stop)
             admission.loaded(unit.live_bytes)
         else:
             try:
-                base, inputs = self._read(task, unit)
+                base, inputs = read_inputs(task, unit.row_start, unit.row_stop)
             finally:
                 admission.loaded(unit.live_bytes)
             if not is_apply:
                 state.fold(unit.pass_index, unit.row_start,
-                           task.method.statistics_pass(unit.pass_index, base, inputs, task.params, ctx, state.stats))
+                           statistics_partial(task, unit.pass_index, base, inputs, unit.row_start, unit.row_stop,
+                                              self.seed, state.stats))
                 return None
-            out = task.method(base, inputs, task.params, ctx, None if state is None else state.stats)
+            out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
+                               None if state is None else state.stats)
             del base, inputs
-            if out.shape != (unit.rows,) + task.output.shape[1:] and task.output.shape:
-                raise MergeError(f"tensor '{task.output.name}': method {task.method.name} returned shape {list(out.shape)}", exit_code=1)
-            out = out.to(task.output.dtype)
         raw = out.contiguous().view(-1).view(torch.uint8).numpy() if out.numel() else b""
         crc = zlib.crc32(raw)
         self.writer.write_rows(task.output.name, unit.row_start, out)

@@ -210,15 +210,20 @@ def _field_path(loc: tuple) -> str:
     return "".join(parts)
 
 
+def yaml_syntax_error(origin: str, e: yaml.YAMLError) -> str:
+    """One line saying where the YAML text is broken."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{origin}: YAML syntax error{where}: {problem}"
+
+
 def parse_yaml_model(text: str, origin: str, schema: type[BaseModel], fields_hint: str):
     """YAML text -> a validated pydantic object; any problem is one MergeError line naming the field."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise MergeError(f"{origin}: YAML syntax error{where}: {problem}") from None
+        raise MergeError(yaml_syntax_error(origin, e)) from None
     if not isinstance(data, dict):
         raise MergeError(f"{origin}: expected a mapping of fields ({fields_hint})")
     try:

@@ -37,6 +37,7 @@ from .output_files import OUTPUT_FILES, TOKENIZER_FILES, tokenizer_donor, write_
 from .recipe import Recipe, load_recipe
 from .scheduler import MAX_UNIT_BYTES, Schedule, make_schedule, require_feasible
 from .source import file_stamp
+from .stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
 from .writer import DEFAULT_SHARD_SIZE, ShardLayout, ShardWriter
 
 
@@ -57,9 +58,15 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
     recipe_path = Path(recipe_path)
     if recipe_path.is_dir():
         raise MergeError(f"recipe {recipe_path} is a folder; give the path of the recipe's YAML file")
+    if not recipe_path.exists():
+        raise MergeError(f"recipe not found: {recipe_path}")
+    text = recipe_path.read_text()
+    options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+    if is_multi_stage(text):
+        return prepare_stages(read_stages(text, str(recipe_path)), text, recipe_path.parent, budget, shard_size, workers,
+                              max_unit_bytes, **options)
     recipe = load_recipe(recipe_path)
-    return prepare_recipe(recipe, recipe_path.read_text(), recipe_path.parent, budget, shard_size, workers, max_unit_bytes,
-                          seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+    return prepare_recipe(recipe, text, recipe_path.parent, budget, shard_size, workers, max_unit_bytes, **options)
 
 
 def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
@@ -69,14 +76,59 @@ def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, bu
     """`prepare` for a parsed recipe (the Python API's YAML text or dict): model paths are relative
     to `recipe_dir` (None: the working directory); `recipe_text` is kept in the output and the
     resume fingerprint."""
-    if seed is not None:
-        recipe.seed = seed
-    sources = open_sources(recipe, recipe_dir)
-    refuse_mixed_architectures({label: src.config for label, src in sources.items()}, allow_crimes)
-    plan = build_plan(recipe, sources, truncate_vocab=truncate_vocab)
+    plan = plan_recipe(recipe, open_sources(recipe, recipe_dir), seed=seed, truncate_vocab=truncate_vocab,
+                       allow_crimes=allow_crimes)
     if strict:
         refuse_warnings(plan)
     return prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes)
+
+
+def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
+                   shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
+                   seed: int | None = None, strict: bool = False, truncate_vocab: bool = False, allow_crimes: bool = False,
+                   on_disk: dict[str, Path] | None = None) -> Prepared:
+    """`prepare` for a multi-stage recipe (engine/stages.py): the last stage's plan, reading the
+    others in memory, or from `on_disk` folders (--intermediate-dir runs)."""
+    def build(recipe: Recipe, sources: dict) -> MergePlan:
+        return plan_recipe(recipe, sources, seed=seed, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+
+    plan = plan_stages(stages, recipe_dir, build, on_disk)
+    plan.warnings = unused_stage_warnings(recipe_text, stages) + plan.warnings if on_disk is None else plan.warnings
+    if strict:
+        refuse_warnings(plan)
+    return prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes)
+
+
+def prepared_stages_on_disk(recipe_path: str | Path, intermediate_dir: Path, out_dir: Path, budget: int | None = None,
+                            shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES,
+                            **options) -> Iterator[tuple[Stage, Prepared, Path]]:
+    """--intermediate-dir: the stages one after another, each written to `intermediate_dir/NAME` and read
+    from there by later stages (mergekit-multi's way). Yields (stage, its prepared run, its output
+    folder); a stage is planned only after the caller has run the ones before it."""
+    recipe_path = Path(recipe_path)
+    if not recipe_path.is_file():
+        raise MergeError(f"recipe not found: {recipe_path}")
+    text = recipe_path.read_text()
+    stages = read_stages(text, str(recipe_path)) if is_multi_stage(text) else None
+    if stages is None:
+        raise MergeError(f"--intermediate-dir: {recipe_path} has one document; it applies to multi-stage recipes "
+                         "(documents separated by ---, each with a `name:`)")
+    on_disk: dict[str, Path] = {}
+    for stage in stages:
+        target = out_dir if stage is stages[-1] else Path(intermediate_dir) / str(stage.name)
+        prepared = prepare_stages([stage], stage.text, recipe_path.parent, budget, shard_size, workers, max_unit_bytes,
+                                  on_disk=dict(on_disk), **options)
+        yield stage, prepared, target
+        on_disk[str(stage.name)] = target
+
+
+def plan_recipe(recipe: Recipe, sources: dict, *, seed: int | None = None, truncate_vocab: bool = False,
+                allow_crimes: bool = False) -> MergePlan:
+    """One recipe's plan over opened sources, after the checks every recipe gets."""
+    if seed is not None:
+        recipe.seed = seed
+    refuse_mixed_architectures({label: src.config for label, src in sources.items()}, allow_crimes)
+    return build_plan(recipe, sources, truncate_vocab=truncate_vocab)
 
 
 def refuse_warnings(plan: MergePlan) -> None:
@@ -132,7 +184,7 @@ def engine_digest() -> str:
 def _input_files(prepared: Prepared) -> list[Path]:
     """Every weight file and config.json the merge reads, resolved."""
     files: dict[Path, None] = {}
-    for src in prepared.plan.sources.values():
+    for src in leaf_sources(prepared.plan.sources).values():
         for f in [*src.files, src.path / "config.json"]:
             if f.exists():
                 files[f.resolve()] = None
@@ -247,23 +299,28 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
 
 
 def write_report(plan: MergePlan, path: Path) -> None:
-    """Every output tensor (merged or copied, from which models) and every input tensor left out, with why."""
-    path.write_text(json.dumps({"tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
-                                "warnings": plan.warnings}, indent=1))
+    """Every output tensor (merged or copied, from which models) and every input tensor left out, with
+    why; a multi-stage recipe's stages."""
+    report = {"tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments, "warnings": plan.warnings}
+    if plan.stages:
+        report["stages"] = plan.stages
+    path.write_text(json.dumps(report, indent=1))
 
 
 def input_folders(prepared: Prepared) -> dict[str, Path]:
     """Every folder the merge reads, by what it is: model folders, LoRA adapter folders (an
     overlay's `adapter`, down its chain of `base`s) and the tokenizer donor."""
     folders: dict[str, Path] = {}
-    for label, src in prepared.plan.sources.items():
+    for label, src in leaf_sources(prepared.plan.sources).items():
         while src is not None:
             folders.setdefault(f"model '{src.label}'", src.path)
             adapter = getattr(src, "adapter", None)
             if adapter is not None:
                 folders.setdefault(f"LoRA adapter of '{src.label}'", adapter.path)
             src = getattr(src, "base", None)
-    folders.setdefault("tokenizer_source", tokenizer_donor(prepared.plan))
+    donor = tokenizer_donor(prepared.plan)
+    if not is_header_folder(donor):  # a stage's own files (engine/stages.py), not a user's folder
+        folders.setdefault("tokenizer_source", donor)
     return folders
 
 

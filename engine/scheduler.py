@@ -10,7 +10,9 @@ Vocabulary:
 - live bytes   a unit's working set: its float32 inputs, the largest raw read buffer, the
                method's scratch buffers, the cast output and its statistics partial
                (engine/cost_model.py, the one cost model).
-- state        a chunked tensor's combined statistics, live from its first unit to its last.
+- state        a chunked tensor's combined statistics, live from its first unit to its last,
+               and what its computed inputs hold between reads (a multi-stage intermediate's
+               statistics, engine/stages.py).
 - admit        a unit starts only while Σ live bytes of running units + live states + its own
                ≤ work budget, and the measured RSS leaves room for it (engine/executor.py).
 
@@ -31,10 +33,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cost_model import fixed_cost, row_cost, statistics_footprint, unit_bytes
+from .cost_model import fixed_cost, held_bytes, row_cost, statistics_footprint, unit_bytes
 from .errors import MergeError
 from .memory import HEAP_SLACK, format_size, heap_slack
 from .merge_plan import TensorTask
+from .source import disk_row_bytes, stored_origin
 
 RUNTIME_OVERHEAD = 32 << 20  # what running adds besides unit buffers (threads, journal, progress): measured
 # freed heap kept for reuse (memory.tune_allocator) and runtime overhead: predicted, and kept free
@@ -105,7 +108,7 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
         chunk_rows[i] = chunk
         statistics = len(task.method.statistics)
         inline = chunk == rows  # one chunk holds every row: the statistics passes run inside it
-        state_bytes[i] = 0 if inline else footprint.state_bytes(rows)
+        state_bytes[i] = 0 if inline else footprint.state_bytes(rows) + held_bytes(task)
         merge_bytes[task.output.name] = unit_bytes(task, footprint, statistics, chunk, inline)
         first_pass = statistics if inline else 0
         for p in range(first_pass, statistics + 1):
@@ -141,7 +144,7 @@ def _smallest_need(task: TensorTask, footprint) -> int:
     one_row = max(unit_bytes(task, footprint, p, 1, False) for p in range(statistics + 1))
     if task.output.rows == 1:
         return unit_bytes(task, footprint, statistics, 1, True)
-    return one_row + footprint.state_bytes(task.output.rows)
+    return one_row + footprint.state_bytes(task.output.rows) + held_bytes(task)
 
 
 def statistics_passes(task: TensorTask, chunk_rows: int) -> int:
@@ -154,12 +157,12 @@ def read_bytes(tasks: list[TensorTask], chunk_rows: list[int]) -> int:
     total = 0
     for task, chunk in zip(tasks, chunk_rows):
         passes = statistics_passes(task, chunk) + 1
-        total += passes * sum(info.row_bytes * task.output.rows for _, info in task.all_inputs)
+        total += passes * sum(disk_row_bytes(info) * task.output.rows for _, info in task.all_inputs)
     return total
 
 
 def _disk_position(task: TensorTask) -> tuple[str, int]:
-    _, first = task.all_inputs[0]
+    first = stored_origin(task.all_inputs[0][1])
     return (str(first.file), first.offset)
 
 

@@ -145,9 +145,9 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None, as_dtyp
     are read through a small per-thread staging buffer and converted into the result, so the
     only large allocation is the result itself (same-sized buffers reuse well, see
     memory.tune_allocator). A patched tensor comes back patched, as float32; a gathered one
-    (RowGather: its rows are other rows of a stored tensor) as float32 too."""
+    (ComputedRows: a RowGather, or a multi-stage recipe's intermediate) as float32 too."""
     stop = info.rows if stop is None else stop
-    if isinstance(info.patch, RowGather):
+    if isinstance(info.patch, ComputedRows):
         return info.patch.read(start, stop)
     shape = ((stop - start),) + info.shape[1:] if info.shape else ()
     pos = info.offset + start * info.row_bytes
@@ -177,11 +177,66 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None, as_dtyp
         os.close(fd)
 
 
+class ComputedRows:
+    """A tensor whose rows are computed when read, not stored: `read_rows` calls `read`.
+
+    Subclasses give `row_bytes`/`fixed_bytes` (the TensorPatch budget: live bytes per row read,
+    and once per read), `held_bytes` (what stays live between reads of the same consumer, e.g.
+    whole-tensor statistics, until `release`), `origin` (the stored tensor whose bytes a read
+    starts from, for read ordering and prefetch) and `read_row_bytes` (disk bytes read per row)."""
+
+    row_bytes: int = 0
+    fixed_bytes: int = 0
+    held_bytes: int = 0
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # TensorPatch protocol; unused
+        raise NotImplementedError(f"a {type(self).__name__} is read through read_rows")
+
+    def origin(self) -> TensorInfo:
+        raise NotImplementedError
+
+    def read_row_bytes(self) -> int:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """A consumer has finished: drop what is held between its reads."""
+
+    def aligned_inputs(self) -> tuple[TensorInfo, ...]:
+        """Inputs whose rows [a, b) a read of rows [a, b) reads (for read-ahead); () when rows move."""
+        return ()
+
+
+def aligned_stored_inputs(infos) -> list[TensorInfo]:
+    """The stored tensors behind `infos` whose rows line up with theirs (computed ones expanded)."""
+    out: list[TensorInfo] = []
+    for info in infos:
+        if isinstance(info.patch, ComputedRows):
+            out += aligned_stored_inputs(info.patch.aligned_inputs())
+        else:
+            out.append(info)
+    return out
+
+
+def stored_origin(info: TensorInfo) -> TensorInfo:
+    """The stored tensor a read of `info` starts from (itself unless its rows are computed)."""
+    while isinstance(info.patch, ComputedRows):
+        info = info.patch.origin()
+    return info
+
+
+def disk_row_bytes(info: TensorInfo) -> int:
+    """Bytes read from disk per row of `info` (a computed tensor's through its inputs)."""
+    return info.patch.read_row_bytes() if isinstance(info.patch, ComputedRows) else info.row_bytes
+
+
 F32_BYTES = 4
 MEAN_BLOCK_BYTES = 8 << 20  # a gather's padding mean is summed over fixed row blocks of about this size
 
 
-class RowGather:
+class RowGather(ComputedRows):
     """Output rows made of a stored tensor's rows, picked by index: a vocabulary permutation.
 
     Output row r of the gathered tensor is, by `index[r]`:
@@ -216,8 +271,11 @@ class RowGather:
     def rows(self) -> int:
         return len(self.index)
 
-    def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:  # TensorPatch protocol; unused
-        raise NotImplementedError("a RowGather is read through read_rows")
+    def origin(self) -> TensorInfo:
+        return self.source
+
+    def read_row_bytes(self) -> int:
+        return disk_row_bytes(self.source)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         tail = self.source.shape[1:]
