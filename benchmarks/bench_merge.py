@@ -27,7 +27,11 @@ What it measures, and why this way:
   state, never against numbers from elsewhere. Virtual disks are noisy (host-side caching
   survives drop_caches): use --repeat N to interleave N rounds and keep each tool's fastest.
 
-Usage: python benchmarks/bench_merge.py [--method linear|task_arithmetic|slerp|ties]
+* `--method multistage`: a two-document recipe (slerp of models 0 and 1, then ties of that
+  with model 2 over model 0), run by mergeng fused in memory and by `mergekit-multi`, which
+  writes the first stage to disk and reads it back.
+
+Usage: python benchmarks/bench_merge.py [--method linear|task_arithmetic|slerp|ties|multistage]
            [--ram 2G] [--max-unit 2M] [--tools raw,mergeng,mergekit] [--compare]
 Results: a table on stdout and `.bench/results-<method>-<ram>.json`.
 """
@@ -161,6 +165,11 @@ def measure(name: str, cmd: list[str], python: str) -> dict:
 
 def recipe_yaml(method: str) -> str:
     m = [str(p) for p in MODELS]
+    if method == "multistage":  # slerp -> ties over a base, two documents (mergekit-multi's format)
+        return (f"name: blend\nmerge_method: slerp\nbase_model: {m[0]}\nmodels:\n  - model: {m[0]}\n  - model: {m[1]}\n"
+                f"parameters: {{t: 0.5}}\ndtype: bfloat16\n---\nmerge_method: ties\nbase_model: {m[0]}\nmodels:\n"
+                f"  - model: blend\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+                f"  - model: {m[2]}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n")
     tail = f"merge_method: {method}\nbase_model: {m[0]}\n"
     if method == "linear":
         body = "".join(f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(m, (1.0, 0.5, 0.5)))
@@ -194,7 +203,7 @@ def compare(ours: Path, ref: Path, python: str) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", default="linear", choices=["linear", "task_arithmetic", "slerp", "ties", "dare_ties"])
+    ap.add_argument("--method", default="linear", choices=["linear", "task_arithmetic", "slerp", "ties", "dare_ties", "multistage"])
     ap.add_argument("--ram", default="2G", help="RAM budget passed to mergeng run --ram")
     ap.add_argument("--max-unit", help="mergeng run --max-unit (e.g. 2M: tens of thousands of row chunks)")
     ap.add_argument("--tools", default="raw,mergeng,mergekit", help="comma list of raw,mergeng,mergekit")
@@ -221,6 +230,10 @@ def main() -> int:
         "mergeng": [args.mergeng, "run", str(recipe), "-o", str(outs["mergeng"]), "--ram", args.ram, *(["--max-unit", args.max_unit] if args.max_unit else [])],
         "mergekit": [mk, str(recipe), str(outs["mergekit"]), *args.mergekit_flags.split()],
     }
+    if args.method == "multistage" and mk is not None:  # mergekit-multi writes the first stage to disk, then reads it
+        multi = str(Path(mk).with_name("mergekit-multi"))
+        commands["mergekit"] = [multi, str(recipe), "--intermediate-dir", str(BENCH / "out" / "mergekit-intermediate"),
+                                "--out-path", str(outs["mergekit"]), *args.mergekit_flags.split()]
     if "mergekit" in tools and mk is None:
         print("note: mergekit-yaml not found (--mergekit, $MERGEKIT_YAML, /work/mkvenv); skipping it")
         tools.remove("mergekit")
@@ -228,6 +241,7 @@ def main() -> int:
     runs: dict[str, list] = {}
     for rep, tool in [(i, t) for i in range(args.repeat) for t in ("raw", "mergeng", "mergekit") if t in tools]:
         shutil.rmtree(outs.get(tool, raw_out), ignore_errors=True)
+        shutil.rmtree(BENCH / "out" / "mergekit-intermediate", ignore_errors=True)  # mergekit-multi would reuse it
         print(f"{tool} {args.method} (run {rep + 1}/{args.repeat}) ...", flush=True)
         res = measure(f"{tool}-{args.method}", commands[tool], args.python)
         runs.setdefault(tool, []).append([res.get("wall_s"), res.get("maxrss_kib")])
