@@ -16,7 +16,9 @@
     unit cost of the stage tensor that makes it (recursively) plus its result rows
 
 The scheduler sizes chunks and predicts the peak with these numbers, the executor admits
-units by them, and the plan prints them: nobody else does budget arithmetic for a merge.
+units by them, and the plan prints them: nobody else does budget arithmetic. Work that is not
+a merge unit (a LoRA extraction's SVD, MoE hidden-state gates) is costed here too
+(`svd_bytes`, `layer_pass_bytes`) and checked by `require_work_fits`, against the same reserve.
 Statistics sizes are not declared by hand: each method's passes are run once on two rows of
 seeded random values shaped like the tensor's rows (cheap, and always in step with the
 method's code); float partials are per row and scale with the row count, integer partials
@@ -31,11 +33,16 @@ import torch
 
 from ..methods.registry import MergeContext
 from .dtypes import COMPUTE_DTYPE, element_size, row_elements
+from .errors import MergeError
+from .memory import HEAP_SLACK, current_rss, format_size
 from .merge_plan import TensorTask
 from .source import ComputedRows
 
 F32 = element_size(COMPUTE_DTYPE)
 PROBE_ROWS = 2
+RUNTIME_OVERHEAD = 32 << 20  # what running adds besides unit buffers (threads, journal, progress): measured
+# freed heap kept for reuse (memory.tune_allocator) and runtime overhead: predicted, and kept free
+RESERVE_BYTES = HEAP_SLACK + RUNTIME_OVERHEAD + (32 << 20)
 
 
 def is_plain_copy(task: TensorTask) -> bool:
@@ -147,3 +154,43 @@ def unit_bytes(task: TensorTask, footprint: StatisticsFootprint, pass_index: int
     if inline_statistics:  # the passes run inside the unit on the rows it holds
         live += footprint.state_bytes(rows) + max((footprint.partial_bytes(p, rows) for p in range(len(footprint.passes))), default=0)
     return live
+
+
+# -- work that is not a merge unit -----------------------------------------------------------------
+def lowrank_columns(rank: int) -> int:
+    """Columns of torch.svd_lowrank's sketch for a rank-`rank` extraction."""
+    return 2 * rank + 10
+
+
+def use_lowrank(shape: tuple[int, int], rank: int) -> bool:
+    return 2 * lowrank_columns(rank) <= min(shape)
+
+
+def svd_bytes(shape: tuple[int, int], rank: int) -> int:
+    """Working set of one tensor's LoRA extraction: ΔW, the SVD's copy and factors, LAPACK's workspace."""
+    m, n = shape
+    k = min(m, n)
+    if use_lowrank(shape, rank):
+        q = lowrank_columns(rank)
+        return F32 * (m * n + 4 * (m + n) * q + 4 * q * q)
+    return F32 * (2 * m * n + (m + n) * k + 4 * k * k + 2 * max(m, n))
+
+
+def layer_pass_bytes(layers: list[list], hidden: int, intermediate: int, heads: int, lengths: list[int]) -> int:
+    """Live bytes of running prompts through one decoder layer at a time (MoE hidden gates): the
+    largest layer's weights as float32 and its largest raw read buffer, one prompt's activations
+    and attention scores, and every prompt's carried hidden states (in and out)."""
+    per_layer = max((sum(row_elements(t.shape) * t.rows * F32 for t in infos)
+                     + max((t.nbytes for t in infos if t.dtype != COMPUTE_DTYPE), default=0) for infos in layers), default=0)
+    longest = max(lengths)
+    activations = longest * (8 * hidden + 3 * intermediate) * F32 + 3 * heads * longest * longest * F32
+    carried = 2 * sum(lengths) * hidden * F32
+    return per_layer + activations + carried
+
+
+def require_work_fits(work_bytes: int, budget: int, what: str, advice: str) -> None:
+    """One-off work (not a merge unit) must fit under --ram beside what the process holds now and the reserve."""
+    need = current_rss() + RESERVE_BYTES + work_bytes
+    if need > budget:
+        raise MergeError(f"--ram {format_size(budget)} is too small {what}: the smallest budget that works is "
+                         f"{format_size(need)}; {advice}")

@@ -4,7 +4,8 @@
         ΔW ≈ U S Vᵀ, top R singular values   (torch.svd_lowrank when 2R+10 ≤ min(m, n)/2, else torch.linalg.svd)
         linear:     B = U·√S, A = √S·Vᵀ            so B @ A = ΔW
         embedding:  B = V·√S, A = √S·Uᵀ            so (B @ A)ᵀ = ΔW, as PEFT's lora_embedding_A/B
-    adapter_model.safetensors   factors appended to a data file as they come, header written at the end
+    adapter_model.safetensors   factors appended as they come (engine/writer.py AppendingWriter: ranks
+                                are known only after each SVD, so no layout can be fixed up front)
     adapter_config.json         r = lora_alpha = R (scale 1); rank_pattern/alpha_pattern where a module keeps fewer
 
 Invariants: at most one tensor's difference and its factors are in memory (checked against --ram
@@ -15,7 +16,6 @@ retained energy of a module is Σ kept σ² / ‖ΔW‖²_F.
 from __future__ import annotations
 
 import json
-import os
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .dtypes import TORCH_TO_SAFETENSORS
 from .errors import MergeError
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_model
-from .memory import current_rss, format_size
+from .cost_model import lowrank_columns, require_work_fits, svd_bytes, use_lowrank
 from .source import TensorInfo, read_rows
+from .writer import AppendingWriter
 
 # Randomized SVD with q = 2R + 10 columns and 6 power iterations keeps ≥ 99.9% of the optimal
 # energy even for a flat (noise-like) spectrum; it is used when q ≤ min(m, n)/2, where it measured
@@ -65,24 +65,6 @@ def saved_by(tensor: str, save_modules: list[str]) -> bool:
     parts = tensor.split(".")[:-1]
     prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
     return any(p.endswith(s) for p in prefixes for s in save_modules)
-
-
-def lowrank_columns(rank: int) -> int:
-    return 2 * rank + 10
-
-
-def use_lowrank(shape: tuple[int, int], rank: int) -> bool:
-    return 2 * lowrank_columns(rank) <= min(shape)
-
-
-def svd_bytes(shape: tuple[int, int], rank: int) -> int:
-    """Working set of one tensor's extraction: ΔW, the SVD's copy and factors, and LAPACK's workspace."""
-    m, n = shape
-    k = min(m, n)
-    if use_lowrank(shape, rank):
-        q = lowrank_columns(rank)
-        return 4 * (m * n + 4 * (m + n) * q + 4 * q * q)
-    return 4 * (2 * m * n + (m + n) * k + 4 * k * k + 2 * max(m, n))
 
 
 def _read_difference(tuned: TensorInfo, base: TensorInfo) -> torch.Tensor:
@@ -128,51 +110,6 @@ def factorize(diff: torch.Tensor, rank: int, sv_epsilon: float, seed: int) -> tu
     return u[:, :k], keep, v[:, :k], method
 
 
-class _SafetensorsStream:
-    """A safetensors file written tensor by tensor: data appended to a side file, header and data joined at the end."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data_path = path.with_name(path.name + ".data.tmp")
-        self.data = open(self.data_path, "wb")
-        self.header: dict[str, dict] = {}
-        self.offset = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.contiguous()
-        raw = tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
-        self.data.write(raw)
-        self.header[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
-                             "data_offsets": [self.offset, self.offset + len(raw)]}
-        self.offset += len(raw)
-
-    def add_rows(self, name: str, info: TensorInfo) -> None:
-        """Copy a tensor from a model, a row chunk at a time."""
-        step = max(1, CHUNK_BYTES // max(1, info.row_bytes))
-        for s in range(0, info.rows, step):
-            self.data.write(read_rows(info, s, min(info.rows, s + step)).to(info.dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        self.header[name] = {"dtype": TORCH_TO_SAFETENSORS[info.dtype], "shape": list(info.shape),
-                             "data_offsets": [self.offset, self.offset + info.nbytes]}
-        self.offset += info.nbytes
-
-    def finish(self) -> None:
-        self.data.close()
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as out, open(self.data_path, "rb") as data:
-            out.write(len(header).to_bytes(8, "little"))
-            out.write(header)
-            while block := data.read(8 << 20):
-                out.write(block)
-        os.replace(tmp, self.path)
-        self.data_path.unlink()
-
-    def abort(self) -> None:
-        self.data.close()
-        self.data_path.unlink(missing_ok=True)
-
-
 def extract_lora(base: str, tuned: str, out_dir: str | Path, rank: int, sv_epsilon: float = 0.0,
                  include: str | None = None, exclude: str | None = None, save_modules: list[str] | None = None,
                  budget: int | None = None, on_module=None) -> ExtractReport:
@@ -202,23 +139,20 @@ def extract_lora(base: str, tuned: str, out_dir: str | Path, rank: int, sv_epsil
             plan.append((name, "check"))
     lora_names = [n for n, kind in plan if kind == "lora"]
     if budget is not None and lora_names:
-        from .scheduler import RESERVE_BYTES
-
         worst = max(lora_names, key=lambda n: svd_bytes(tuned_src.tensors[n].shape, rank))
-        need = current_rss() + RESERVE_BYTES + svd_bytes(tuned_src.tensors[worst].shape, rank)
-        if need > budget:
-            raise MergeError(f"--ram {format_size(budget)} is too small to extract '{worst}' {list(tuned_src.tensors[worst].shape)} "
-                             f"(needs about {format_size(need)}); raise --ram, or leave it out with --exclude or --save-module")
+        require_work_fits(svd_bytes(tuned_src.tensors[worst].shape, rank), budget,
+                          f"to extract '{worst}' {list(tuned_src.tensors[worst].shape)}",
+                          "raise --ram, or leave it out with --exclude or --save-module")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stream = _SafetensorsStream(out_dir / ADAPTER_WEIGHTS)
+    stream = AppendingWriter(out_dir / ADAPTER_WEIGHTS)
     targets: dict[str, int] = {}
     try:
         for name, kind in plan:
             tuned_info = tuned_src.tensors[name]
             module = name.rpartition(".")[0]
             if kind == "save":
-                stream.add_rows(f"base_model.model.{name}", tuned_info)
+                stream.add_rows(f"base_model.model.{name}", tuned_info, CHUNK_BYTES)
                 report.modules.append(ModuleReport(name, tuned_info.shape, 0, 1.0, "saved"))
                 continue
             base_info = base_src.tensors[name]

@@ -30,8 +30,8 @@ import torch
 
 from ..methods.keyed_random import stream_key
 from .errors import MergeError
-from .memory import current_rss, format_size, tune_allocator, trim_heap
-from .scheduler import RESERVE_BYTES
+from .memory import tune_allocator, trim_heap
+from .cost_model import layer_pass_bytes, require_work_fits
 from .source import ModelSource, TensorInfo, read_rows
 
 EMBED = "model.embed_tokens.weight"
@@ -163,15 +163,10 @@ def layer_tensors(base: ModelSource, i: int) -> dict[str, TensorInfo]:
 
 
 def hidden_gate_bytes(base: ModelSource, config, lengths: list[int]) -> int:
-    """Live bytes of one layer's pass: its float32 weights, a raw read buffer, the prompts' activations."""
-    per_layer = max(sum(math.prod(t.shape) * 4 for t in layer_tensors(base, i).values())
-                    + max((t.nbytes for t in layer_tensors(base, i).values() if t.dtype != torch.float32), default=0)
-                    for i in range(config.num_hidden_layers))
-    h, inter, heads = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size), config.num_attention_heads
-    longest = max(lengths)
-    activations = longest * (8 * h + 3 * inter) * 4 + 3 * heads * longest * longest * 4
-    carried = 2 * sum(lengths) * h * 4
-    return per_layer + activations + carried
+    """Live bytes of one layer's pass (engine/cost_model.py layer_pass_bytes)."""
+    layers = [list(layer_tensors(base, i).values()) for i in range(config.num_hidden_layers)]
+    return layer_pass_bytes(layers, config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
+                            config.num_attention_heads, lengths)
 
 
 def hidden_summaries(base: ModelSource, layers: int, prompt_ids: list[list[int]], average: bool, budget: int) -> list[torch.Tensor]:
@@ -184,10 +179,9 @@ def hidden_summaries(base: ModelSource, layers: int, prompt_ids: list[list[int]]
     config._attn_implementation = "eager"
     tune_allocator()
     trim_heap()
-    need = current_rss() + hidden_gate_bytes(base, config, [len(p) for p in prompt_ids]) + RESERVE_BYTES
-    if need > budget:
-        raise MergeError(f"--ram {format_size(budget)} is too small for gate_mode hidden, which runs the prompts through one "
-                         f"decoder layer at a time: the smallest budget that works is {format_size(need)}")
+    require_work_fits(hidden_gate_bytes(base, config, [len(p) for p in prompt_ids]), budget,
+                      "for gate_mode hidden, which runs the prompts through one decoder layer at a time",
+                      "raise --ram, or use gate_mode cheap_embed or random")
     embed = base.tensors[EMBED]
     states = [embed_rows(embed, ids)[None] for ids in prompt_ids]  # [1, L, hidden] each
     rotary = Rotary(config)

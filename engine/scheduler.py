@@ -33,15 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cost_model import fixed_cost, held_bytes, row_cost, statistics_footprint, unit_bytes
+from .cost_model import RESERVE_BYTES, RUNTIME_OVERHEAD, fixed_cost, held_bytes, row_cost, statistics_footprint, unit_bytes
 from .errors import MergeError
-from .memory import HEAP_SLACK, format_size, heap_slack
+from .memory import format_size, heap_slack
 from .merge_plan import TensorTask
 from .source import disk_row_bytes, stored_origin
 
-RUNTIME_OVERHEAD = 32 << 20  # what running adds besides unit buffers (threads, journal, progress): measured
-# freed heap kept for reuse (memory.tune_allocator) and runtime overhead: predicted, and kept free
-RESERVE_BYTES = HEAP_SLACK + RUNTIME_OVERHEAD + (32 << 20)
 # one unit's working set; its buffers then stay under memory.HEAP_BUFFER_LIMIT and are reused
 MAX_UNIT_BYTES = 64 << 20
 

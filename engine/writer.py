@@ -20,6 +20,7 @@ import torch
 
 from .dtypes import TORCH_TO_SAFETENSORS, element_size, num_rows, row_elements, tensor_bytes
 from .errors import MergeError
+from .source import read_rows
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # what transformers' save_pretrained uses
 PARTIAL_SUFFIX = ".partial"
@@ -63,10 +64,17 @@ def _header_bytes(tensors: list[OutputTensor]) -> tuple[bytes, dict[str, int]]:
         entries[t.name] = {"dtype": TORCH_TO_SAFETENSORS[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
         rel[t.name] = pos
         pos += t.nbytes
+    header = _encode_header(entries)
+    return header, {name: len(header) + off for name, off in rel.items()}
+
+
+def _encode_header(entries: dict) -> bytes:
+    """8-byte length + JSON header padded with spaces to 8 bytes; "__metadata__" first."""
+    if "__metadata__" not in entries:
+        entries = {"__metadata__": {"format": "pt"}, **entries}
     body = json.dumps(entries, separators=(",", ":")).encode()
     body += b" " * (-len(body) % 8)
-    header = len(body).to_bytes(8, "little") + body
-    return header, {name: len(header) + off for name, off in rel.items()}
+    return len(body).to_bytes(8, "little") + body
 
 
 class ShardLayout:
@@ -191,3 +199,48 @@ class ShardWriter:
             index.write_text(json.dumps(self.layout.index_json(), indent=2) + "\n")
         elif index.exists():
             index.unlink()
+
+
+class AppendingWriter:
+    """A safetensors file whose tensors' shapes are known only as they come (a LoRA extraction's
+    ranks): data appended to a side file, header and data joined at the end, then renamed into
+    place. The one other way mergeng writes safetensors; the header is encoded as ShardLayout's."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_name(path.name + ".data.tmp")
+        self.data = open(self.data_path, "wb")
+        self.header: dict[str, dict] = {}
+        self.offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        raw = tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        self.data.write(raw)
+        self.header[name] = {"dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
+                             "data_offsets": [self.offset, self.offset + len(raw)]}
+        self.offset += len(raw)
+
+    def add_rows(self, name: str, info, chunk_bytes: int) -> None:
+        """Copy a tensor from a model, `chunk_bytes` of rows at a time."""
+        step = max(1, chunk_bytes // max(1, info.row_bytes))
+        for s in range(0, info.rows, step):
+            self.data.write(read_rows(info, s, min(info.rows, s + step)).to(info.dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        self.header[name] = {"dtype": TORCH_TO_SAFETENSORS[info.dtype], "shape": list(info.shape),
+                             "data_offsets": [self.offset, self.offset + info.nbytes]}
+        self.offset += info.nbytes
+
+    def finish(self) -> None:
+        self.data.close()
+        header = _encode_header(self.header)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(header)
+            while block := data.read(8 << 20):
+                out.write(block)
+        os.replace(tmp, self.path)
+        self.data_path.unlink()
+
+    def abort(self) -> None:
+        self.data.close()
+        self.data_path.unlink(missing_ok=True)
