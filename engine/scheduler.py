@@ -1,6 +1,28 @@
-"""Order and size the work so the process's RSS stays under the budget.
+"""Static order and sizes of the merge graph's units, so the process's RSS stays under --ram.
 
-Vocabulary:
+The graph (engine/merge_plan.py makes its tasks, this module its units, engine/graph.py draws it):
+
+    read base[k:n] ─┐
+    read a[k:n] ────┼─► stats t[k:n] ─► … ─► apply t[k:n] ─► write t[k:n] into its shard range
+    stage s[k:n] ───┘     (each pass of t waits for the whole previous pass)
+      ▲ computed on read from read x[k:n], read y[k:n] (engine/stages.py), never stored
+
+What the order optimises, highest priority first (each rule is a line of `make_schedule`):
+1. Never cross the budget. A unit's bytes come from the one cost model; a tensor is cut into
+   equal row chunks when its unit would not fit a worker's share of the work budget (or the
+   unit cap), so any `workers` consecutive units fit together with their tensors' states.
+2. Free early. All units of one tensor are consecutive (its passes back to back), so a chunked
+   tensor's statistics state, and what its computed inputs hold, lives only from its first unit
+   to its last, and at most `workers` tensors hold state at once.
+3. Read forward. Tensors run in the order of their first stored input's position on disk
+   (file, byte offset): every input shard is read once, front to back, so read-ahead works and
+   the page cache is not thrashed. Within a tensor: pass by pass, rows ascending.
+4. Recompute rather than store. A multi-stage intermediate is computed again by every unit that
+   reads it (its cost is in that unit's bytes); nothing intermediate reaches the disk.
+Not optimised: parallelism beyond `workers` in-order units (admission is strictly in schedule
+order, so a unit never waits on one that was not admitted: no deadlock).
+
+Vocabulary (the code uses these words):
 - budget       the user's --ram: a ceiling on the whole process's RSS.
 - baseline     RSS measured before any tensor is read (interpreter, torch, headers, plan).
 - reserve      headroom for allocator slack, Python objects, page tables and the sampler.
@@ -8,25 +30,16 @@ Vocabulary:
 - unit         one pass over one row chunk of one output tensor: a statistics pass (reads
                inputs, keeps small per-row partials) or the apply pass (reads, merges, writes).
 - live bytes   a unit's working set: its float32 inputs, the largest raw read buffer, the
-               method's scratch buffers, the cast output and its statistics partial
-               (engine/cost_model.py, the one cost model).
+               method's scratch buffers, the cast output and its statistics partial.
 - state        a chunked tensor's combined statistics, live from its first unit to its last,
-               and what its computed inputs hold between reads (a multi-stage intermediate's
-               statistics, engine/stages.py).
+               and what its computed inputs hold between reads (an intermediate's statistics).
 - admit        a unit starts only while Σ live bytes of running units + live states + its own
                ≤ work budget, and the measured RSS leaves room for it (engine/executor.py).
-
-    tensor t:  [stats rows 0..k) [stats rows k..n) ─► [apply rows 0..k) [apply rows k..n)
-                          (a pass starts when the pass before it has finished)
-
-Chunking: a tensor whose working set exceeds the per-unit share (work budget / workers, or
-what its statistics state leaves of the work budget / workers) is split into row chunks of equal size; row chunks are contiguous byte ranges in every input
-and in the output. Units are ordered by where their first input lies on disk, so reads move
-forward through the input shards.
-The predicted peak is baseline + the largest sum of live bytes that `workers` consecutive
-units and the states of their tensors hold together (never more than the work budget) + the runtime overhead + the freed
-heap the allocator keeps for reuse (memory.heap_slack: never more than the live peak, nor HEAP_SLACK); the reserve keeps room for these
-two and a margin, so an underestimate does not cross the budget.
+- predicted peak  baseline + the largest live bytes that `workers` consecutive units and their
+               tensors' states hold together (never more than the work budget) + the runtime
+               overhead + the freed heap the allocator keeps for reuse (memory.heap_slack); the
+               reserve keeps room for these two and a margin, so an underestimate does not
+               cross the budget.
 """
 
 from __future__ import annotations
@@ -93,7 +106,7 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
     min_budget = baseline + RESERVE_BYTES + max((_smallest_need(t, f) for t, f in zip(tasks, footprints)), default=0)
     if budget < min_budget:  # nothing can run; the plan reports the smallest budget that works
         return Schedule([], [t.output.rows for t in tasks], budget, baseline, workers, min_budget, min_budget, {}, [0] * len(tasks))
-    order = sorted(range(len(tasks)), key=lambda i: _disk_position(tasks[i]))
+    order = sorted(range(len(tasks)), key=lambda i: read_position(tasks[i]))  # rule 3: read forward
     units: list[WorkUnit] = []
     chunk_rows: list[int] = [0] * len(tasks)
     state_bytes: list[int] = [0] * len(tasks)
@@ -101,14 +114,14 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
     for i in order:
         task, footprint = tasks[i], footprints[i]
         rows = task.output.rows
-        chunk = _chunk_rows(task, footprint, work_budget, workers, max_unit_bytes)
+        chunk = _chunk_rows(task, footprint, work_budget, workers, max_unit_bytes)  # rule 1: never cross the budget
         chunk_rows[i] = chunk
         statistics = len(task.method.statistics)
         inline = chunk == rows  # one chunk holds every row: the statistics passes run inside it
         state_bytes[i] = 0 if inline else footprint.state_bytes(rows) + held_bytes(task)
         merge_bytes[task.output.name] = unit_bytes(task, footprint, statistics, chunk, inline)
         first_pass = statistics if inline else 0
-        for p in range(first_pass, statistics + 1):
+        for p in range(first_pass, statistics + 1):  # rule 2: a tensor's units are consecutive
             for start in range(0, rows, chunk):
                 stop = min(rows, start + chunk)
                 units.append(WorkUnit(i, p, start, stop, unit_bytes(task, footprint, p, stop - start, inline)))
@@ -158,7 +171,8 @@ def read_bytes(tasks: list[TensorTask], chunk_rows: list[int]) -> int:
     return total
 
 
-def _disk_position(task: TensorTask) -> tuple[str, int]:
+def read_position(task: TensorTask) -> tuple[str, int]:
+    """Where a task's reading starts on disk: its first stored input's file and byte offset."""
     first = stored_origin(task.all_inputs[0][1])
     return (str(first.file), first.offset)
 
