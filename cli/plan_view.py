@@ -134,18 +134,56 @@ def render_text(prepared: Prepared, console: Console) -> None:
 
 
 def render_dot(prepared: Prepared) -> str:
-    g = build_graph(prepared.plan.tasks, prepared.schedule.merge_bytes)
-    clusters: dict[str, list[str]] = defaultdict(list)
-    for node, data in g.nodes(data=True):
-        clusters[data["layer"]].append(node)
-    lines = ["digraph merge {", "  rankdir=LR;", "  node [shape=box, fontsize=9];"]
-    for i, (layer, nodes) in enumerate(clusters.items()):
-        lines.append(f'  subgraph cluster_{i} {{ label="{layer}";')
-        for node in nodes:
-            d = g.nodes[node]
-            lines.append(f'    "{node}" [label="{node}\\n{format_size(d["bytes"])}"];')
+    """The grouped graph (engine/graph.py) as Graphviz dot: stored-model reads on the left, one
+    cluster per stage in order (the output last: merge + write), edges labelled with the bytes
+    that flow along them in a run. Node ids are n0, n1, ...; every label is a quoted, escaped string."""
+    g = build_graph(prepared.plan.tasks, prepared.schedule.merge_bytes, prepared.schedule.chunk_rows)
+    kinds = {"read": 0, "stage": 1, "output": 2}
+    nodes = sorted(g.nodes(data=True), key=lambda kd: (kinds[kd[1]["kind"]], kd[1]["row"]))
+    ids = {key: f"n{i}" for i, (key, _) in enumerate(nodes)}
+    lines = ["digraph merge {", "  rankdir=LR; ranksep=0.9; nodesep=0.12; newrank=true;",
+             '  node [shape=box, style="rounded,filled", fillcolor="#ffffff", fontsize=9];',
+             '  edge [fontsize=8, color="#888888", fontcolor="#555555"];']
+    palette = ["#dbeafe", "#fde68a", "#d1fae5", "#fbcfe8", "#e9d5ff", "#fed7aa", "#e5e7eb"]
+    colours: dict[str, str] = {}
+    for key, d in nodes:
+        if d["kind"] == "read":
+            colour = colours.setdefault(d["owner"], palette[len(colours) % len(palette)])
+            lines.append(f'  {ids[key]} [label="{_dot_text(node_text(d))}", fillcolor="{colour}"];')
+    stages = [(st["name"], st["method"]) for st in prepared.plan.stages] or [(None, prepared.plan.recipe.merge_method)]
+    known = {name for name, _ in stages}
+    stages[-1:-1] = [(name, "") for name in dict.fromkeys(d["owner"] for _, d in nodes if d["kind"] == "stage")
+                     if name not in known]  # a stage the summary does not list (defensive)
+    for i, (name, method) in enumerate(stages):
+        title = f"stage {name}" + (f" ({method})" if method else "") if name is not None else f"output: {method}, merge + write"
+        lines.append(f'  subgraph cluster_{i} {{ label="{_dot_text(title)}"; style=rounded; color="#999999";')
+        members = [key for key, d in nodes
+                   if (d["kind"] == "stage" and d["owner"] == name) or (name is None and d["kind"] == "output")]
+        for key in members:
+            lines.append(f'    {ids[key]} [label="{_dot_text(node_text(g.nodes[key]))}"];')
+        if len(members) > 1:  # one column, in layer order (outside layers first)
+            chain = " -> ".join(ids[key] for key in members)
+            lines.append(f'    {{ rank=same; {chain} [style=invis]; }}')
         lines.append("  }")
-    for a, b in g.edges:
-        lines.append(f'  "{a}" -> "{b}";')
+    for a, b, e in g.edges(data=True):
+        lines.append(f'  {ids[a]} -> {ids[b]} [label="{format_size(e["bytes"])}"];')
     lines.append("}")
     return "\n".join(lines)
+
+
+def node_text(d: dict) -> str:
+    """A grouped-graph node's lines: what it is, then its bytes (shared by the dot and html views)."""
+    tensors = f"{d['tensors']} tensor" + ("s" if d["tensors"] != 1 else "")
+    if d["kind"] == "read":
+        return f"{d['label']}\nread {format_size(d['read_bytes'])} ({tensors})"
+    if d["kind"] == "stage":
+        return (f"{d['label']}\n{tensors}, {format_size(d['bytes'])}"
+                f"\ncomputed {d['computed'] / max(d['tensors'], 1):g}x each")
+    chunks = f" in {d['chunks']} chunks" if d["chunks"] > d["tensors"] else ""
+    return (f"{d['label']}\nwrite {format_size(d['bytes'])} ({tensors}{chunks})"
+            f"\nlargest unit {format_size(d['live_bytes'])}")
+
+
+def _dot_text(text: str) -> str:
+    """A Graphviz quoted string's contents: backslash and quote escaped, newlines as \\n."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -59,8 +60,8 @@ def test_text_plan_names_budget_and_verdict(llama70b_recipe):
 def test_dot_export_is_a_graph_clustered_by_layer(llama70b_recipe):
     result = cli("plan", llama70b_recipe, "--ram", "8G", "--format", "dot")
     assert result.stdout.startswith("digraph merge {")
-    assert 'label="model.layers.79"' in result.stdout
-    assert result.stdout.count("->") == 723 * 4  # three loads and one write per tensor
+    assert "layers 72–79" in result.stdout  # 80 layers of one structure, shown as 10 ranges (tests/test_plan_views.py)
+    assert len(re.findall(r"^  n\d+ -> n\d+ ", result.stdout, re.MULTILINE)) == 11 * 3  # three models' reads per layer group
 
 
 def test_plan_refuses_a_budget_below_the_smallest_unit(llama70b_recipe):
