@@ -51,6 +51,7 @@ from .errors import MergeError
 from .memory import format_size, heap_slack
 from .merge_plan import TensorTask
 from .source import disk_row_bytes, stored_origin
+from .stages import StageRows
 
 # one unit's working set; its buffers then stay under memory.HEAP_BUFFER_LIMIT and are reused
 MAX_UNIT_BYTES = 64 << 20
@@ -100,7 +101,8 @@ class Schedule:
 
 
 def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: int = 2,
-                  max_unit_bytes: int = MAX_UNIT_BYTES) -> Schedule:
+                  max_unit_bytes: int = MAX_UNIT_BYTES, hold_intermediates: bool = True) -> Schedule:
+    """`hold_intermediates=False`: every read of a multi-stage intermediate recomputes it (tests)."""
     work_budget = budget - baseline - RESERVE_BYTES
     footprints = [statistics_footprint(t) for t in tasks]
     min_budget = baseline + RESERVE_BYTES + max((_smallest_need(t, f) for t, f in zip(tasks, footprints)), default=0)
@@ -111,6 +113,7 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
     chunk_rows: list[int] = [0] * len(tasks)
     state_bytes: list[int] = [0] * len(tasks)
     merge_bytes: dict[str, int] = {}
+    _choose_held_intermediates(tasks, footprints, work_budget if hold_intermediates else 0, workers, max_unit_bytes)
     for i in order:
         task, footprint = tasks[i], footprints[i]
         rows = task.output.rows
@@ -125,9 +128,16 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
             for start in range(0, rows, chunk):
                 stop = min(rows, start + chunk)
                 units.append(WorkUnit(i, p, start, stop, unit_bytes(task, footprint, p, stop - start, inline)))
-    live = _peak_live(units, state_bytes, workers, work_budget)
-    peak = baseline + RUNTIME_OVERHEAD + heap_slack(live) + live
+    peak = predicted_peak(units, state_bytes, workers, work_budget, baseline)
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes, state_bytes)
+
+
+def predicted_peak(units: list[WorkUnit], state_bytes: list[int], workers: int, work_budget: int, baseline: int) -> int:
+    """Peak RSS of a process that starts at `baseline` and runs `units` in order under the work
+    budget: the live peak, the runtime overhead and the freed heap kept for reuse. A Ray
+    partition's memory request is this figure for its units (engine/ray_partitions.py)."""
+    live = _peak_live(units, state_bytes, workers, work_budget)
+    return baseline + RUNTIME_OVERHEAD + heap_slack(live) + live
 
 
 def _chunk_rows(task: TensorTask, footprint, work_budget: int, workers: int, max_unit_bytes: int) -> int:
@@ -141,11 +151,30 @@ def _chunk_rows(task: TensorTask, footprint, work_budget: int, workers: int, max
     whole = unit_bytes(task, footprint, statistics, rows, inline_statistics=True)
     if whole <= share and whole - fixed_cost(task) <= max_unit_bytes:
         return rows
-    share = max((work_budget - footprint.state_bytes(rows)) // workers, 1)
+    share = max((work_budget - footprint.state_bytes(rows) - held_bytes(task)) // workers, 1)
     per_row = max([row_cost(task)] + [row_cost(task, False) + partial_per_row for partial_per_row, _ in footprint.passes])
     fixed = fixed_cost(task) + max((partial_fixed for _, partial_fixed in footprint.passes), default=0)
     chunk = max(1, min(rows, (share - fixed) // max(per_row, 1), max_unit_bytes // max(per_row, 1)))
     return -(-rows // -(-rows // chunk))  # equal chunks
+
+
+def _choose_held_intermediates(tasks: list[TensorTask], footprints, work_budget: int, workers: int,
+                               max_unit_bytes: int) -> None:
+    """Rule 4's exception: an intermediate read by a row-chunked tensor is held whole (computed
+    once, engine/stages.py) when it fits a quarter of a worker's share; else recomputed per read."""
+    computed = [info.patch for task in tasks for _, info in task.all_inputs if isinstance(info.patch, StageRows)]
+    for patch in computed:
+        patch.hold = False
+    limit = work_budget // workers // 4
+    if limit <= 0:
+        return
+    for task, footprint in zip(tasks, footprints):
+        inputs = [info.patch for _, info in task.all_inputs if isinstance(info.patch, StageRows)]
+        if not inputs or _chunk_rows(task, footprint, work_budget, workers, max_unit_bytes) == task.output.rows:
+            continue
+        if sum(p.hold_bytes for p in inputs) <= limit:
+            for p in inputs:
+                p.hold = True
 
 
 def _smallest_need(task: TensorTask, footprint) -> int:

@@ -22,8 +22,11 @@ Invariants:
 - A read of rows [a, b) computes only those rows. A stage method that needs whole-tensor
   statistics gets them by an extra pass over its inputs, once per consuming tensor, held
   until that tensor's last unit (the cost model's held bytes); a consumer reading all rows at
-  once computes them inline. Nothing else is held: an intermediate read by several units or
-  tensors is recomputed for each (the plan says how often each stage is computed).
+  once computes them inline.
+- Held or recomputed: a row-chunked consumer reads an intermediate once per pass and chunk.
+  When the whole intermediate (in its stage dtype) fits a share of the budget, the scheduler
+  marks it held: computed once, kept until the consumer's last unit, its bytes in that
+  consumer's state. Otherwise every read recomputes its rows. `plan` says which, per stage.
 - The resume fingerprint covers every stage's recipe and every input file of every stage;
   only the final output's chunks are journaled.
 """
@@ -133,29 +136,53 @@ def unused_stage_warnings(text: str, order: list[Stage]) -> list[str]:
 
 class StageRows(ComputedRows):
     """An intermediate tensor: rows [a, b) are stage task rows [a, b), computed on read and
-    rounded to the stage's output dtype (returned as float32, as read_rows returns computed rows)."""
+    rounded to the stage's output dtype (returned as float32, as read_rows returns computed rows).
+
+    `hold` (set by the scheduler when a row-chunked consumer reads it and it fits): the first
+    partial read computes the whole tensor once, block by block, and keeps it in the stage's dtype
+    until `release`; later reads slice it. Either way the bytes are the same (the blocks go
+    through the same code, and statistics do not depend on blocks)."""
 
     def __init__(self, task: TensorTask, seed: int, stage: str):
         self.task = task
         self.seed = seed
         self.stage = stage
+        self.hold = False
         self.reads = 0  # how many times rows were computed (profile, tests)
         footprint = statistics_footprint(task)
+        self._footprint = footprint
         elems = row_elements(task.output.shape)
         result = elems * (F32 + element_size(task.output.dtype))  # the rows as made, and as float32
         inline = footprint.state_per_row + max((per_row for per_row, _ in footprint.passes), default=0)
         self.row_bytes = max(row_cost(task) + inline, max((row_cost(task, False) + per_row for per_row, _ in footprint.passes),
                                                           default=0)) + result
         self.fixed_bytes = fixed_cost(task) + footprint.state_fixed + max((f for _, f in footprint.passes), default=0)
-        # the whole tensor's statistics, from the first partial read of a consumer to its release
-        self.held_bytes = footprint.state_bytes(task.output.rows) + held_bytes(task)
         self._statistics: dict | None = None
+        self._held: torch.Tensor | None = None
         self._lock = threading.Lock()
+
+    @property
+    def hold_bytes(self) -> int:
+        """What holding the whole intermediate costs: the tensor in its stage dtype."""
+        return self.task.output.nbytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Held from a consumer's first partial read to its release: the whole tensor's statistics
+        (and its own computed inputs'), and the tensor itself when held."""
+        return self._footprint.state_bytes(self.task.output.rows) + held_bytes(self.task) + (self.hold_bytes if self.hold else 0)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         task = self.task
+        whole = start == 0 and stop == task.output.rows
+        if self.hold and not whole:
+            with self._lock:
+                if self._held is None:
+                    self._held = self._compute_all(stop - start)
+                held = self._held
+            return held[start:stop].to(COMPUTE_DTYPE)
         stats = None
-        if task.method.statistics and not (start == 0 and stop == task.output.rows):
+        if task.method.statistics and not whole:
             with self._lock:
                 if self._statistics is None:
                     self._statistics = whole_statistics(task, self.seed, stop - start)
@@ -163,9 +190,20 @@ class StageRows(ComputedRows):
         self.reads += 1
         return merged_rows(task, start, stop, self.seed, stats).to(COMPUTE_DTYPE)
 
+    def _compute_all(self, block: int) -> torch.Tensor:
+        task = self.task
+        stats = whole_statistics(task, self.seed, block) if task.method.statistics else None
+        out = torch.empty(task.output.shape, dtype=task.output.dtype)
+        for start in range(0, task.output.rows, block):
+            stop = min(task.output.rows, start + block)
+            out[start:stop] = merged_rows(task, start, stop, self.seed, stats)
+        self.reads += 1
+        return out
+
     def release(self) -> None:
         with self._lock:
             self._statistics = None
+            self._held = None
         for _, info in self.task.all_inputs:
             if isinstance(info.patch, ComputedRows):
                 info.patch.release()
@@ -305,5 +343,15 @@ def computations(tasks: list[TensorTask], chunk_rows: list[int]) -> dict[str, in
     for task, chunk in zip(tasks, chunk_rows):
         passes = (len(task.method.statistics) if chunk < task.output.rows else 0) + 1
         for _, info in task.all_inputs:
-            visit(info, passes)
+            visit(info, 1 if isinstance(info.patch, StageRows) and info.patch.hold else passes)
     return counts
+
+
+def held_intermediates(tasks: list[TensorTask]) -> dict[str, int]:
+    """Per stage: how many of its tensors a run holds whole (the rest are recomputed per read)."""
+    held: dict[str, set[str]] = {}
+    for task in tasks:
+        for _, info in task.all_inputs:
+            if isinstance(info.patch, StageRows) and info.patch.hold:
+                held.setdefault(info.patch.stage, set()).add(info.name)
+    return {stage: len(names) for stage, names in held.items()}

@@ -115,6 +115,33 @@ def test_fused_run_is_byte_identical_to_stage_by_stage(tmp_path, tiny_models, te
     load_with_transformers(tmp_path / "fused")
 
 
+def test_held_and_recomputed_intermediates_give_the_same_bytes(tmp_path, tiny_models):
+    from mergeng.engine.run import prepare, run_merge
+    from mergeng.engine.scheduler import make_schedule
+    from mergeng.engine.stages import StageRows
+
+    recipe = recipe_for(tmp_path, tiny_models, CHAIN)
+
+    def intermediates(prepared):
+        return {info.patch for t in prepared.plan.tasks for _, info in t.all_inputs if isinstance(info.patch, StageRows)}
+
+    held = prepare(recipe, 1 << 30, max_unit_bytes=4096)
+    assert held.schedule.chunked(held.plan.tasks) and all(p.hold for p in intermediates(held))
+    run_merge(held, tmp_path / "held")
+    recomputed = prepare(recipe, 1 << 30, max_unit_bytes=4096)
+    s = recomputed.schedule
+    recomputed.schedule = make_schedule(recomputed.plan.tasks, s.budget, s.baseline, s.workers, 4096, hold_intermediates=False)
+    assert not any(p.hold for p in intermediates(recomputed))
+    run_merge(recomputed, tmp_path / "recomputed")
+    # held: each intermediate computed once per consuming tensor; recomputed: once per pass and chunk
+    assert sum(p.reads for p in intermediates(held)) < sum(p.reads for p in intermediates(recomputed))
+    run_ok(recipe, "-o", tmp_path / "staged", "-I", tmp_path / "stages")
+    a, b, c = (load_tensors(tmp_path / n) for n in ("held", "recomputed", "staged"))
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        assert a[name].equal(b[name]) and a[name].equal(c[name]), name
+
+
 WRITTEN = """
 import json, sys
 from mergeng.cli.app import app
