@@ -1,7 +1,7 @@
 """The Python API: `mergeng.merge(recipe, out, ram=...)` and `mergeng.plan(recipe, ram=...)`.
 
 A recipe is a path (a `pathlib.Path`, or a `str` without a newline), YAML text (a `str` with a
-newline) or a dict. Model paths in a recipe file are relative to its folder first, then to the
+newline), a dict, or a list of dicts (a multi-stage recipe's documents, as `---`-separated YAML). Model paths in a recipe file are relative to its folder first, then to the
 working directory; in text or a dict, to the working directory. Options take the CLI's names
 with underscores (`shard_size`, `workers`, `seed`, `strict`, `truncate_vocab`, `allow_crimes`,
 `copy_tokenizer`, `write_model_card`, `fresh`, `max_unit`) or mergekit's `MergeOptions` names
@@ -43,7 +43,7 @@ def merge(recipe: str | Path | dict, out: str | Path, ram: int | str | None = No
 def _prepare(recipe, ram, options: dict, allowed: set[str]):
     from .mergekit_options import MergekitFlags, parse_shard_size
     from .memory import parse_size
-    from .run import prepare_recipe
+    from .run import prepare_recipe, prepare_stages
     from .scheduler import MAX_UNIT_BYTES
     from .writer import DEFAULT_SHARD_SIZE
 
@@ -61,7 +61,8 @@ def _prepare(recipe, ram, options: dict, allowed: set[str]):
     shard_size = given.get("shard_size", DEFAULT_SHARD_SIZE)
     max_unit = given.get("max_unit", MAX_UNIT_BYTES)
     parsed, text, folder = load_recipe_input(recipe)
-    prepared = prepare_recipe(
+    prepare = prepare_stages if isinstance(parsed, list) else prepare_recipe
+    prepared = prepare(
         parsed, text, folder, parse_size(ram, "ram") if isinstance(ram, str) else ram,
         parse_shard_size(shard_size) if isinstance(shard_size, str) else shard_size, given.get("workers", 2),
         parse_size(max_unit, "max_unit") if isinstance(max_unit, str) else max_unit,
@@ -70,23 +71,30 @@ def _prepare(recipe, ram, options: dict, allowed: set[str]):
     return prepared, given
 
 
-def load_recipe_input(recipe: str | Path | dict):
-    """(Recipe, its YAML text, the folder model paths are relative to first)."""
+def load_recipe_input(recipe: str | Path | dict | list):
+    """(Recipe, or a multi-stage recipe's stages; its YAML text; the folder model paths are relative to first)."""
     import yaml
 
     from .recipe import parse_recipe
+    from .stages import is_multi_stage, read_stages
 
-    if isinstance(recipe, dict):
-        text = yaml.safe_dump(recipe, sort_keys=False)
-        return parse_recipe(text, "recipe dict"), text, None
-    if isinstance(recipe, str) and "\n" in recipe:
-        return parse_recipe(recipe, "recipe text"), recipe, None
-    if isinstance(recipe, (str, Path)):
+    folder = None
+    if isinstance(recipe, (dict, list)):  # a list of dicts: a multi-stage recipe's documents
+        if isinstance(recipe, list) and not all(isinstance(d, dict) for d in recipe):
+            raise MergeError("recipe: a list must hold one dict per stage (a multi-stage recipe's documents)")
+        text = yaml.safe_dump(recipe, sort_keys=False) if isinstance(recipe, dict) else yaml.safe_dump_all(recipe, sort_keys=False)
+        origin = f"recipe {type(recipe).__name__}"
+    elif isinstance(recipe, str) and "\n" in recipe:
+        text, origin = recipe, "recipe text"
+    elif isinstance(recipe, (str, Path)):
         path = Path(recipe)
         if path.is_dir():
             raise MergeError(f"recipe {path} is a folder; give the path of the recipe's YAML file")
         if not path.is_file():
             raise MergeError(f"recipe not found: {path} (a recipe is a path, YAML text with a newline, or a dict)")
-        text = path.read_text()
-        return parse_recipe(text, str(path)), text, path.parent
-    raise MergeError(f"recipe: expected a path, YAML text or a dict, got {type(recipe).__name__}")
+        text, origin, folder = path.read_text(), str(path), path.parent
+    else:
+        raise MergeError(f"recipe: expected a path, YAML text, a dict or a list of dicts, got {type(recipe).__name__}")
+    if is_multi_stage(text):
+        return read_stages(text, origin), text, folder
+    return parse_recipe(text, origin), text, folder

@@ -282,3 +282,16 @@ def test_intermediate_dir_needs_a_multi_stage_recipe(tmp_path, tiny_models):
     recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels: [{{model: {tiny_models['a']}}}]\n")
     result = cli("run", recipe, "-o", tmp_path / "out", "-I", tmp_path / "stages")
     assert result.exit_code == 2 and "multi-stage" in result.output
+
+
+def test_python_api_takes_a_multi_stage_recipe_as_text_or_a_list_of_dicts(tmp_path, tiny_models):
+    import yaml
+
+    import mergeng
+
+    text = SLERP_TIES.format(base=tiny_models["base"], a=tiny_models["a"], b=tiny_models["b"])
+    mergeng.merge(text, tmp_path / "from_text", ram="1G")
+    mergeng.merge(list(yaml.safe_load_all(text)), tmp_path / "from_list", ram="1G")
+    assert [s["name"] for s in mergeng.plan(text, ram="1G").plan.stages] == ["blend", None]
+    a, b = load_tensors(tmp_path / "from_text"), load_tensors(tmp_path / "from_list")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
