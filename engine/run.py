@@ -239,11 +239,13 @@ def _shown(path: str) -> str:
 
 def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
               on_start: Callable[[int], None] | None = None, on_progress: Callable[[int], None] | None = None, *,
-              copy_tokenizer: bool = True, write_model_card: bool = True) -> dict:
+              copy_tokenizer: bool = True, write_model_card: bool = True, run_units: RunUnits | None = None) -> dict:
     """Merge into `out_dir`, resuming a matching interrupted run; returns measured figures.
 
     `copy_tokenizer=False` leaves the tokenizer out of the output, `write_model_card=False` its README.md
-    (mergekit's --no-copy-tokenizer and --no-write-model-card)."""
+    (mergekit's --no-copy-tokenizer and --no-write-model-card). `run_units` computes and writes the
+    units that `finished` does not cover (default: this process's executor, `run_units_here`; a Ray
+    cluster: engine/ray_run.py); its figures go into profile.json."""
     out_dir = Path(out_dir)
     require_feasible(prepared.schedule)
     tokenizer_donor(prepared.plan)  # a bad tokenizer_source fails here, not after the merge
@@ -269,11 +271,9 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
     done_bytes = sum(covered.get(t.output.name, 0) * t.output.row_bytes for t in tasks)
     if on_start:
         on_start(done_bytes)
-    tune_allocator()
-    executor = Executor(tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress)
     with RssSampler() as sampler:
         try:
-            executor.run(finished)
+            figures = (run_units or run_units_here)(prepared, writer, journal, finished, on_progress)
         finally:
             writer.close()
     with output_errors(out_dir, exit_code=1):
@@ -287,8 +287,7 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
         "baseline_bytes": prepared.schedule.baseline,
         "resumed": resuming,
         "units_total": len(prepared.schedule.units),
-        "units_run": executor.units_run,
-        "rss_waits": executor.rss_waits,  # units the measured-RSS guard held back
+        **figures,  # units_run, rss_waits (units the measured-RSS guard held back); a cluster's nodes and partitions
         "timeline": sampler.timeline,
     }
     with output_errors(out_dir, exit_code=1):
@@ -296,6 +295,19 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
         write_report(prepared.plan, out_dir / STATE_DIR / "report.json")
     journal.close()
     return profile
+
+
+# (prepared, writer, journal, finished chunks, on_progress) -> figures for profile.json
+RunUnits = Callable[[Prepared, ShardWriter, Journal, dict, Callable[[int], None] | None], dict]
+
+
+def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, finished: dict,
+                   on_progress: Callable[[int], None] | None) -> dict:
+    """Run the unfinished units in this process: worker threads under the budget (engine/executor.py)."""
+    tune_allocator()
+    executor = Executor(prepared.plan.tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress)
+    executor.run(finished)
+    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits}
 
 
 def write_report(plan: MergePlan, path: Path) -> None:
