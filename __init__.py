@@ -10,7 +10,10 @@ Python API (engine/api.py; imported on first use, so `import mergeng` stays ligh
     figures = mergeng.merge("configs/linear.yml", "merged/linear", ram="2G", shard_size="500M")
 """
 
-__version__ = "0.1.0"
+# absolute, not relative: test runners import this file under its folder's name (e.g. "main"), or
+# as a bare `__init__` when that name is not an identifier; `mergeng` itself is always installed
+from mergeng.version import __version__
+
 __all__ = ["merge", "plan", "__version__"]
 
 

@@ -20,6 +20,8 @@ describes the output's layers, so the config never contradicts itself.
 
 from __future__ import annotations
 
+from ..errors import MergeError
+
 LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_blocks", "decoder_layers", "num_decoder_layers")
 NESTED_TEXT_CONFIGS = ("text_config", "language_config", "llm_config", "text_decoder_config", "decoder_config")
 INDEX_WORDS = ("layer", "idx", "ind")
@@ -150,8 +152,6 @@ def restate_layer_kinds(holder: dict, layer_sources: list[int], layers: int, pat
     """Keep keys that set layer kinds by arithmetic true of the output's layers: unchanged when the
     output's kinds follow from them as they are, restated when another value states them, and
     refused (MergeError) when no value can: the config would describe another model."""
-    from ..engine.errors import MergeError
-
     changes = []
     for keys, kinds_of, restate in ARITHMETIC_KINDS:
         if not all(isinstance(holder.get(k), (int, list)) and not isinstance(holder.get(k), bool) for k in keys):

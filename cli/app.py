@@ -1,46 +1,41 @@
-"""The `mergeng` command: thin typer commands that call the engine and render with rich.
+"""The `mergeng` command tree: thin typer commands that call the engine and render with rich.
 
 Exit codes: 0 ok, 1 failed while working, 2 bad usage or recipe, 130 interrupted. Errors are
-one red line; `--debug` shows the traceback. The first Ctrl-C stops a merge; further ones are
-ignored while the journal is committed and the workers stop, so the exit is always a clean 130.
+one red line; `--debug` shows the traceback (cli/console.py). The first Ctrl-C stops a merge;
+further ones are ignored while the journal is committed and the workers stop, so the exit is
+always a clean 130 (cli/execute.py).
+
+This module is the root of the CLI: it defines `app` and the top-level commands and adds the
+`lora` group (cli/lora_cmd.py) and the `moe` command (cli/moe_cmd.py). Those modules, and the
+shared options, consoles and merge runner they use, never import this one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 
 from ..engine.errors import MergeError
 from . import mergekit_options as mk
+from .console import console, fail, out
+from .execute import execute, run_recipe
+from .lora_cmd import lora_app
+from .moe_cmd import moe
+from .options import (HELP_OPTIONS, DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, StrictOption,
+                      TruncateVocabOption, WorkersOption, max_unit_bytes, ram_budget, shard_bytes)
 
-HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                   help="Merge language and vision-language models weight by weight under a RAM budget.")
-console = Console(stderr=True)
-out = Console()
-
-RamOption = typer.Option(None, "--ram", help="Peak RSS ceiling for the whole process, e.g. 2G, 512M, 64G (binary units). Default: 80% of available memory.")
-DebugOption = typer.Option(False, "--debug", help="Show tracebacks.")
-ShardSizeOption = typer.Option("5B", "--shard-size", "--out-shard-size", help="Largest output shard in bytes, in mergekit's notation: 5B = 5 billion, 500M, 100K (also 5G, 5GB).")
-WorkersOption = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes.")
-FreshOption = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over.")
-StrictOption = typer.Option(False, "--strict", help="Treat every warning (unknown recipe keys or parameters, unmatched filters, dropped tensors) as an error.")
-TruncateVocabOption = typer.Option(False, "--truncate-vocab/--no-truncate-vocab", "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", help="Allow models whose vocabularies differ in size: embeddings are cut to the smallest (said in the report).")
-MaxUnitOption = typer.Option(None, "--max-unit", help="Largest working set of one unit of work (e.g. 64M); smaller units mean more row chunks.", hidden=True)
 
 
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from ..version import __version__
 
         out.print(f"mergeng {__version__}", highlight=False)
         raise typer.Exit()
@@ -49,26 +44,6 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit.")):
     """Merge language and vision-language models weight by weight under a RAM budget."""
-
-
-def _fail(e: BaseException, debug: bool) -> None:
-    if debug or isinstance(e, typer.Exit):
-        raise e
-    if isinstance(e, MergeError):
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code)
-    if isinstance(e, OSError) and e.strerror:  # the machine said no (permissions, a full or read-only disk)
-        where = f"{e.filename}: " if e.filename else ""
-        console.print(f"[red]error:[/red] {where}{e.strerror}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
-    console.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (run again with --debug for the traceback)", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
-
-
-def _budget(ram: Optional[str]) -> Optional[int]:
-    from ..engine.memory import parse_size
-
-    return parse_size(ram) if ram else None
 
 
 @app.command()
@@ -129,115 +104,6 @@ def run(
                intermediate_dir=intermediate_dir)
 
 
-def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[Path] = None, *, ram: Optional[str] = None,
-               shard_size: str = "5B", workers: int = 2, fresh: bool = False, seed: Optional[int] = None,
-               strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
-               allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
-               quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None) -> None:
-    """`mergeng run` with plain arguments (also `lora apply`'s body)."""
-    from ..engine.run import prepare, prepared_stages_on_disk
-
-    try:
-        target = output_folder(recipe, out_path, out_dir)
-        notes = (flags or mk.MergekitFlags()).check()
-        if not quiet:
-            for note in notes:
-                console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
-        mk.set_num_threads(flags.num_threads if flags else None)
-        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
-        sizes = (_budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit))
-        if intermediate_dir is not None:
-            peak = 0
-            for stage, prepared, stage_target in prepared_stages_on_disk(recipe, intermediate_dir, target, *sizes, **options):
-                profile = execute(prepared, stage_target, fresh, done=f"{stage.label} merged", earlier_peak=peak, quiet=quiet,
-                                  copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
-                peak = max(peak, profile["peak_rss_bytes"])
-            return
-        prepared = prepare(recipe, *sizes, **options)
-        if verbose:
-            from .plan_view import render_text
-
-            render_text(prepared, console)
-        execute(prepared, target, fresh, quiet=quiet, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
-    except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
-        _fail(e, debug)
-
-
-def output_folder(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path]) -> Path:
-    """mergekit's OUT_PATH argument or -o; both given must name the same folder."""
-    if out_path is not None and out_dir is not None and Path(out_path).absolute() != Path(out_dir).absolute():
-        raise MergeError(f"output folder given twice, as OUT_PATH {out_path} and as -o {out_dir}; give one of them")
-    return out_path or out_dir or Path("merged") / recipe.stem
-
-
-def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_peak: int = 0, *, quiet: bool = False,
-            copy_tokenizer: bool = True, write_model_card: bool = True) -> dict:
-    """Run a prepared merge with warnings, a progress bar, a one-line summary and Ctrl-C handling.
-
-    `earlier_peak`: RSS peak of work the command did before the merge (e.g. computing MoE routers).
-    `quiet`: warnings only (no progress bar, no summary line)."""
-    from ..engine.journal import STATE_DIR
-    from ..engine.memory import format_size
-    from ..engine.run import run_merge
-    from .progress import MergeProgress
-
-    warnings = prepared.plan.warnings
-    for w in warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
-    total = sum(t.output.nbytes for t in prepared.plan.tasks)
-    with _later_interrupts_ignored():
-        try:
-            with MergeProgress(Console(stderr=True, quiet=True) if quiet else console, total) as progress:
-                profile = run_merge(prepared, target, fresh, on_start=progress.start, on_progress=progress.advance,
-                                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
-            raise typer.Exit(130)
-    if quiet:
-        return profile
-    resumed = " (resumed)" if profile["resumed"] else ""
-    peak = max(profile["peak_rss_bytes"], earlier_peak)
-    warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {target / STATE_DIR / 'report.json'}" if warnings else ""
-    console.print(f"[green]{done}[/green] into {target}{resumed}: peak RSS {format_size(peak)} "
-                  f"of {format_size(profile['ram_budget_bytes'])} budget{warned}", highlight=False, soft_wrap=True)
-    return profile
-
-
-@contextmanager
-def _later_interrupts_ignored() -> Iterator[None]:
-    """The first Ctrl-C raises KeyboardInterrupt; from then on SIGINT is ignored, so a second
-    Ctrl-C cannot break the journal commit and thread joins that follow (the command then exits
-    130). Without an interrupt the previous handler is restored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def first_interrupt(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, first_interrupt)
-    try:
-        yield
-    finally:
-        if signal.getsignal(signal.SIGINT) is first_interrupt:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _max_unit(text: Optional[str]) -> int:
-    from ..engine.memory import parse_size
-    from ..engine.scheduler import MAX_UNIT_BYTES
-
-    return parse_size(text, "--max-unit") if text else MAX_UNIT_BYTES
-
-
-def _decimal_size(text: str) -> int:
-    from .mergekit_options import parse_shard_size
-
-    return parse_shard_size(text)
-
-
 @app.command()
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
@@ -260,7 +126,7 @@ def plan(
     from .plan_view import plan_summary, render_dot, render_text, with_estimate
 
     try:
-        prepared = prepare(recipe, _budget(ram), _decimal_size(shard_size), workers, _max_unit(max_unit),
+        prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
                            strict=strict, truncate_vocab=truncate_vocab)
         if fmt == "json":
             out.print_json(json.dumps(plan_summary(prepared)))
@@ -274,7 +140,7 @@ def plan(
         else:
             raise MergeError(f"--format: unknown format '{fmt}' (text, json, dot, html)")
     except Exception as e:  # noqa: BLE001
-        _fail(e, debug)
+        fail(e, debug)
     if not prepared.schedule.feasible:
         raise typer.Exit(1)
 
@@ -293,7 +159,7 @@ def verify(
     try:
         checked = verify_output(out_dir)
     except Exception as e:  # noqa: BLE001
-        _fail(e, debug)
+        fail(e, debug)
     console.print(f"[green]ok:[/green] {checked} chunks match their checksums in {out_dir}", highlight=False)
 
 
@@ -316,10 +182,10 @@ def fill_missing(
 
     try:
         plan = build_fill_missing_plan(donor, part)
-        prepared = prepare_plan(plan, fill_missing_recipe_text(donor, part), _budget(ram), _decimal_size(shard_size))
+        prepared = prepare_plan(plan, fill_missing_recipe_text(donor, part), ram_budget(ram), shard_bytes(shard_size))
         execute(prepared, out_dir, fresh)
     except Exception as e:  # noqa: BLE001
-        _fail(e, debug)
+        fail(e, debug)
     replaced = sum(1 for r in plan.report if r["from"] == [str(part)])
     console.print(f"[green]done:[/green] {replaced} of {len(plan.tasks)} tensors from {part}, the rest from {donor}, in {out_dir}", highlight=False)
 
@@ -367,11 +233,11 @@ def demo(
         recipe_path.write_text(recipes["demo.yml"])
         console.print(f"built tiny models in {folder}/models/ ({', '.join(Path(m).name for m in DEMO_MODELS)}); merging with {recipe_path}",
                       highlight=False, soft_wrap=True)
-        prepared = prepare(recipe_path, _budget(ram))
+        prepared = prepare(recipe_path, ram_budget(ram))
         execute(prepared, folder / "merged", fresh=True, done="demo merge done")
         merged = ModelSource(folder / "merged")
     except Exception as e:  # noqa: BLE001
-        _fail(e, debug)
+        fail(e, debug)
     console.print(f"{len(merged.tensors)} tensors in {folder / 'merged'}, a folder transformers loads", highlight=False)
 
 
@@ -399,7 +265,7 @@ def examples(
         for name, text in recipes.items():
             (folder / name).write_text(text)
     except Exception as e:  # noqa: BLE001
-        _fail(e, debug)
+        fail(e, debug)
     console.print(f"wrote {len(recipes)} recipes and {len(EXAMPLE_MODELS)} models into {folder}; "
                   f"e.g. cd {folder} && mergeng run linear.yml merged/linear", highlight=False, soft_wrap=True)
 
@@ -440,9 +306,8 @@ def _refuse_foreign_folder(folder: Path, option: str, command: str, marker: str,
             raise MergeError(f"{recipe} was changed since `mergeng {command}` wrote it; move it or choose another {option}")
 
 
-from .lora_cmd import lora_app  # noqa: E402  (mergeng lora apply / extract)
-
-app.add_typer(lora_app, name="lora")
+app.add_typer(lora_app, name="lora")  # mergeng lora apply / extract
+app.command("moe")(moe)  # mergeng moe CONFIG -o OUT
 
 
 def main() -> None:
@@ -453,5 +318,3 @@ def main() -> None:
         console.print("[yellow]interrupted[/yellow]")
         sys.exit(130)
 
-
-from . import moe_cmd  # noqa: E402,F401  (registers `mergeng moe`)

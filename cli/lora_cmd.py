@@ -2,7 +2,8 @@
 
 `apply` is the passthrough recipe `models: [{model: BASE+ADAPTER}]` run through `mergeng run`;
 `extract` writes a PEFT adapter from the difference of two models (engine/lora_extract.py).
-`render_lora` is how `plan` shows the adapters' matched modules and scales.
+cli/app.py adds `lora_app` as the `lora` group; this module imports the shared options and
+runner, never cli/app.py. How `plan` shows adapters is cli/lora_view.py.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Column, Table
 
-from .app import HELP_OPTIONS, DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption
+from .console import console, fail, out
+from .execute import run_recipe
+from .options import HELP_OPTIONS, DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption, ram_budget
 
 lora_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                        help="Apply LoRA adapters to a base model, or extract one from a fine-tune.")
@@ -37,8 +39,6 @@ def apply(
 
     Example: mergeng lora apply --base models/llama --adapter adapters/chat -o merged/llama-chat --ram 2G
     """
-    from .app import run_recipe
-
     model = "+".join(str(p.resolve()) for p in [base, *adapter])
     with tempfile.TemporaryDirectory(prefix="mergeng-lora-") as tmp:
         # the recipe text is part of the resume fingerprint: the same command resumes
@@ -71,12 +71,11 @@ def extract(
     Example: mergeng lora extract --base models/llama --model models/llama-chat -o adapters/chat --rank 16 --save-module lm_head
     """
     from ..engine.lora_extract import extract_lora
-    from .app import _budget, _fail, console, out
 
     try:
-        report = extract_lora(base, model, out_dir, rank, sv_epsilon, include, exclude, save_module, _budget(ram))
+        report = extract_lora(base, model, out_dir, rank, sv_epsilon, include, exclude, save_module, ram_budget(ram))
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
-        _fail(e, debug)
+        fail(e, debug)
     table = Table(Column("module", overflow="fold"), "shape", "rank", "energy", "svd",
                   title="retained energy per module (Σ kept σ² / Σ σ²)", title_justify="left")
     for m in report.modules:
@@ -92,25 +91,3 @@ def extract(
     if report.not_representable:
         console.print(f"[yellow]warning:[/yellow] {len(report.not_representable)} tensor(s) differ but are not 2-D weights a LoRA can carry, "
                       f"e.g. {report.not_representable[0]}; add their modules with --save-module to keep them", highlight=False)
-
-
-def render_lora(plan, console: Console) -> None:
-    """`plan`'s view of the LoRA overlays: adapted base tensors (layer numbers folded to *), kind, r, alpha, scale.
-
-    Every module is listed in `plan --format json` under "lora"."""
-    import re
-    from collections import Counter
-
-    from ..engine.lora import lora_summary
-
-    rows = lora_summary(plan.sources)
-    if not rows:
-        return
-    groups = Counter((r["model"], r["adapter"], re.sub(r"\.\d+\.", ".*.", r["tensor"]), r["kind"], r["rank"], r["alpha"], r["scale"])
-                     for r in rows)
-    for model in dict.fromkeys(r["model"] for r in rows):
-        table = Table(Column("base tensor", overflow="fold"), "count", "kind", "r", "alpha", "scale", title=f"LoRA on {model}", title_justify="left")
-        for (m, adapter, tensor, kind, rank, alpha, scale), n in groups.items():
-            if m == model:
-                table.add_row(tensor, str(n), kind, str(rank or "-"), f"{alpha:g}" if rank else "-", f"{scale:g}")
-        console.print(table)

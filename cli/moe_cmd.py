@@ -1,7 +1,8 @@
 """`mergeng moe`: build a mixture of experts from dense models with a mergekit-moe config.
 
 The output folder is checked against the config's model folders before `prepare_moe`, which
-clears it (`--fresh`) and writes the routers under `OUT/.mergeng/` before the merge starts."""
+clears it (`--fresh`) and writes the routers under `OUT/.mergeng/` before the merge starts.
+cli/app.py adds `moe` to the command tree; this module never imports cli/app.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Optional
 
 import typer
 
-from .app import DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption, _budget, _decimal_size, _fail, _max_unit, app, execute
+from .console import fail
+from .execute import execute
+from .options import (DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption, max_unit_bytes, ram_budget,
+                      shard_bytes)
 
 
-@app.command()
 def moe(
     config: Path = typer.Argument(..., help="MoE config YAML (mergekit-moe format: base_model, experts, gate_mode, ...)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
@@ -33,17 +36,17 @@ def moe(
 
     try:
         _refuse_output_over_inputs(config, out_dir)
-        prepared, build = prepare_moe(config, out_dir, _budget(ram), seed, _decimal_size(shard_size), workers,
-                                      _max_unit(max_unit), fresh)
+        prepared, build = prepare_moe(config, out_dir, ram_budget(ram), seed, shard_bytes(shard_size), workers,
+                                      max_unit_bytes(max_unit), fresh)
         execute(prepared, out_dir, fresh=False, done=f"built {build.architecture.hf_class}", earlier_peak=build.gate_peak_rss)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
-        _fail(e, debug)
+        fail(e, debug)
 
 
 def _refuse_output_over_inputs(config: Path, out_dir: Path) -> None:
     """The output must not be, hold or sit inside a model folder of the config (nothing is written yet)."""
-    from ..engine.merge_plan import resolve_model_path
     from ..engine.moe import parse_moe_config
+    from ..engine.paths import resolve_model_path
     from ..engine.run import refuse_unsafe_output
 
     if not config.is_file():

@@ -17,7 +17,7 @@ from ..engine.output_config import config_changes
 from ..engine.run import Prepared
 from ..engine.scheduler import read_bytes
 from ..engine.stages import computations, leaf_sources
-from .lora_cmd import render_lora
+from .lora_view import render_lora
 
 
 def plan_summary(prepared: Prepared) -> dict:

@@ -1,14 +1,10 @@
-"""The one exception type users see.
+"""The engine's name for the one exception type users see: `MergeError` (defined in mergeng/errors.py).
 
-Anything the user can fix (a recipe field, a model path, a budget) raises `MergeError` with a
-one-line message naming what to fix. The CLI prints it in red and exits 2 (bad input) or 1
-(failed while working); any other exception is a bug and shows a traceback only with --debug.
+Engine modules import it from here, as they always have; the class itself lives at the package
+root so that methods/ and architectures/ raise the very same class without importing engine/.
+Invariant: this module only re-exports; it defines nothing.
 """
 
+from ..errors import MergeError
 
-class MergeError(Exception):
-    """A problem the user can fix; `exit_code` 2 for bad input, 1 for a failure while running."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
+__all__ = ["MergeError"]

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .errors import MergeError
-from .paths import resolve_folder
+from .paths import resolve_folder, resolve_model_path
 from .source import ModelSource, TensorInfo, read_rows, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -451,8 +451,6 @@ class LoraSource:
 
 def open_model(model: str, recipe_dir: Path | None):
     """A recipe's model string: a folder, or 'BASE+ADAPTER[+ADAPTER2...]' (adapters applied in order)."""
-    from .merge_plan import resolve_model_path
-
     parts = model.split("+")
     if len(parts) == 1 or _is_folder(model, recipe_dir):
         return ModelSource(resolve_model_path(model, recipe_dir), label=model)

@@ -25,33 +25,15 @@ from ..architectures.vocabulary import is_vocab_tensor
 from ..methods.registry import MergeMethod, get_method
 from .dtypes import RECIPE_DTYPES
 from .errors import MergeError
+from .lora import open_model
 from .output_config import output_config
-from .paths import resolve_folder
 from .recipe import Parameters, Recipe, is_unset, resolve_parameter
 from .validation import check_ranges, coerce_parameter, parameter_warnings, unmatched_filter_warnings
 from .source import ModelSource, TensorInfo
+from .tensor_task import TensorTask
 from .tokenizer_merge import VocabularyPlan, build_vocabulary, resolve_chat_template, tokenizer_settings
 from .vocabulary import check_tokenizer_source
 from .writer import OutputTensor
-
-
-@dataclass(frozen=True)
-class TensorTask:
-    """How one output tensor is made: which input tensors, which method, which parameter values."""
-
-    output: OutputTensor
-    base: TensorInfo | None
-    inputs: tuple[TensorInfo, ...]  # the non-base inputs, in recipe order
-    input_models: tuple[str, ...]  # model label of each entry of `inputs`
-    params: dict[str, Any]  # global values, and per-model lists aligned with `inputs`
-    method: MergeMethod
-    base_model: str | None = None
-
-    @property
-    def all_inputs(self) -> tuple[tuple[str, TensorInfo], ...]:
-        """(model, tensor) of every input, base first."""
-        base = ((self.base_model, self.base),) if self.base is not None else ()
-        return base + tuple(zip(self.input_models, self.inputs))
 
 
 @dataclass
@@ -75,16 +57,8 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def resolve_model_path(model: str, recipe_dir: Path | None) -> Path:
-    """A recipe's model folder (engine/paths.py: beside the recipe first, then the working directory)."""
-    return resolve_folder(f"model '{model}'", model, recipe_dir, "model paths are local folders (for the recipes in "
-                          "configs/, `mergeng examples DIR` makes the models they name)")
-
-
 def open_sources(recipe: Recipe, recipe_dir: Path | None) -> dict[str, ModelSource]:
     """One source per model string; 'BASE+ADAPTER[+...]' opens a LoRA overlay (engine/lora.py)."""
-    from .lora import open_model
-
     return {m: open_model(m, recipe_dir) for m in recipe.model_paths()}
 
 

@@ -27,7 +27,7 @@ import fnmatch
 
 from ..architectures.layout import find_layer_stacks, language_stack
 from .errors import MergeError
-from .recipe import Module, Recipe
+from .recipe_schema import Module, Recipe
 
 PROJECTOR_MARKERS = ("multi_modal_projector", "mm_projector", "merger")
 VISION_MARKERS = ("visual", "vision_tower", "vision_model", "vision_encoder")
@@ -98,10 +98,10 @@ def modules_donor(recipe: Recipe) -> str:
 def plan_modules(builder) -> tuple[list, str, dict[str, int]]:
     """(tasks, donor, {stack: new layer count} of sliced modules) for a `modules:` recipe.
 
-    `builder` is the recipe's PlanBuilder; each module gets a builder of its own sharing its
-    sources, and its warnings, report and dropped tensors are gathered into `builder`'s."""
-    from .merge_plan import PlanBuilder
-
+    `builder` is the recipe's PlanBuilder (engine/merge_plan.py, which calls this); each module
+    gets a builder of its own, of the same class, sharing its sources, and its warnings, report
+    and dropped tensors are gathered into `builder`'s. The class comes with `builder`, so this
+    module never imports the planner that imports it."""
     recipe, sources = builder.recipe, builder.sources
     donor = modules_donor(recipe)
     names = list(sources[donor].tensors)
@@ -109,7 +109,7 @@ def plan_modules(builder) -> tuple[list, str, dict[str, int]]:
     stacks = find_layer_stacks(names)
     tasks, layers = [], {}
     for module_name, module in recipe.modules.items():
-        sub = PlanBuilder(module_recipe(recipe, module), sources, builder.truncate_vocab)
+        sub = type(builder)(module_recipe(recipe, module), sources, builder.truncate_vocab)
         sub.vocabulary = builder.vocabulary  # the output vocabulary every embedding is gathered into
         sub.only = set(covered[module_name])
         sub.outer_levels = [recipe.parameters]

@@ -29,13 +29,17 @@ import torch
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..methods.declaration import MergeContext, Tensor, declare_method
 from ..methods.keyed_random import stream_key, uniform_rows
-from ..methods.registry import REGISTRY, MergeContext, Tensor, get_method, merge_method
+from ..methods.registry import get_method
+from ..version import __version__
 from .dtypes import RECIPE_DTYPES, dtype_name
 from .errors import MergeError
 from .journal import STATE_DIR
-from .merge_plan import MergePlan, TensorTask, natural_key, resolve_model_path
-from .recipe import InputModel, Recipe, parse_yaml_model
+from .merge_plan import MergePlan, TensorTask, natural_key
+from .paths import resolve_model_path
+from .recipe import parse_yaml_model
+from .recipe_schema import InputModel, Recipe
 from .scheduler import MAX_UNIT_BYTES
 from .source import ModelSource, TensorInfo
 from .writer import DEFAULT_SHARD_SIZE, OutputTensor
@@ -164,7 +168,6 @@ def choose_architecture(config: MoeConfig, model_types: dict[str, str]) -> MoeAr
     return arch
 
 # -- expert noise and residual scale ------------------------------------------------------------
-@merge_method("moe_expert", min_models=1, max_models=1, scratch=3)
 def moe_expert(tensors: list[Tensor], ctx: MergeContext, noise_scale: list[float] = 0.0,
                residual_scale: list[float] = 1.0) -> Tensor:
     """An expert's tensor plus keyed Gaussian noise × noise_scale, times residual_scale (mergekit-moe)."""
@@ -178,7 +181,8 @@ def moe_expert(tensors: list[Tensor], ctx: MergeContext, noise_scale: list[float
         x = x + noise.view(x.shape).mul_(noise_scale[0])
     return x * residual_scale[0] if residual_scale[0] != 1.0 else x
 
-MOE_EXPERT = REGISTRY.pop("moe_expert")  # internal to MoE builds: not a recipe method
+# internal to MoE builds: declared like a method, never registered (not a recipe method)
+MOE_EXPERT = declare_method("moe_expert", moe_expert, min_models=1, max_models=1, scratch=3)
 
 # -- building the plan --------------------------------------------------------------------------
 @dataclass
@@ -244,8 +248,6 @@ def _copy(out_name: str, model: str, info: TensorInfo, dtype: torch.dtype, exper
 
 def routers_key(config_text: str, seed: int, base: ModelSource) -> str:
     """Digest of everything the computed routers depend on."""
-    from .. import __version__
-
     h = hashlib.sha256(f"{__version__}\x1f{seed}\x1f{config_text}".encode())
     for f in base.files:
         h.update(f"{f.name}:{f.stat().st_size}".encode())

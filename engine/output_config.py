@@ -10,7 +10,6 @@ the layers (architectures/config_layers.py), so the config never contradicts the
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 from ..architectures.config_layers import relayer_config
 from ..architectures.layout import find_layer_stacks, language_stack
@@ -18,10 +17,8 @@ from ..architectures.vocabulary import config_vocab_holders
 from .dtypes import RECIPE_DTYPES
 from .recipe import Recipe
 from .source import ModelSource
+from .tensor_task import TensorTask
 from .vocabulary import output_vocab_rows, vocab_rows
-
-if TYPE_CHECKING:
-    from .merge_plan import TensorTask
 
 
 def output_config(recipe: Recipe, donor: ModelSource, tasks: list[TensorTask], layers: int | None,

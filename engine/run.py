@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .. import __version__
+from ..version import __version__
 from .architecture_mix import refuse_mixed_architectures
 from .errors import MergeError
 from .executor import Executor
@@ -172,7 +172,7 @@ def engine_digest() -> str:
     per process: an interrupted run is not continued by different code."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256(__version__.encode())
-    files = [root / "__init__.py"]
+    files = sorted(root.glob("*.py"))  # the root package and its neutral modules (errors.py, version.py)
     for package in ("engine", "methods", "architectures", "cli"):
         files += sorted(p for p in (root / package).rglob("*") if p.suffix in (".py", ".json"))
     for f in files:

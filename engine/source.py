@@ -13,52 +13,15 @@ import json
 import os
 import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from .dtypes import SAFETENSORS_TO_TORCH, element_size, num_rows, row_elements, tensor_bytes
+from .dtypes import SAFETENSORS_TO_TORCH, element_size, row_elements
 from .errors import MergeError
+from .tensor_info import TensorInfo
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-class TensorPatch(Protocol):
-    """A change applied to a tensor's rows as they are read (e.g. a LoRA product W + s·B@A).
-
-    `apply` gets the rows [start, stop) as stored and returns them as float32. The scheduler
-    budgets `row_bytes` extra live bytes per row read and `fixed_bytes` once per unit."""
-
-    row_bytes: int
-    fixed_bytes: int
-
-    def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes lie: file, absolute byte offset, dtype and shape (+ a read-time patch)."""
-
-    name: str
-    file: Path
-    offset: int  # absolute offset of the first byte in `file`
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    patch: TensorPatch | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.shape, self.dtype)
-
-    @property
-    def rows(self) -> int:
-        return num_rows(self.shape)
-
-    @property
-    def row_bytes(self) -> int:
-        return row_elements(self.shape) * element_size(self.dtype)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import MergeError
-from .source import TensorInfo
+from .tensor_info import TensorInfo
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,

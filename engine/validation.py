@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from .errors import MergeError
-from .recipe import Condition, Parameters, Recipe
+from .recipe_schema import Condition, Parameters, Recipe
 
 MERGE_FIELDS = ("parameters", "include", "exclude", "base_model", "fill_from", "missing", "rename", "lora",
                 "layer_range", "sources", "models", "slices", "modules", "tensors", "merge_method", "model")

@@ -6,15 +6,11 @@ tensors are vocabulary-indexed), else its config's `vocab_size`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..architectures.vocabulary import config_vocab_holders, is_vocab_tensor
 from .errors import MergeError
 from .recipe import Recipe
 from .source import ModelSource
-
-if TYPE_CHECKING:
-    from .merge_plan import TensorTask
+from .tensor_task import TensorTask
 
 
 def output_vocab_rows(tasks: list[TensorTask]) -> int | None:

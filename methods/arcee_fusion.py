@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import keyed_random
 from .rank_selection import PASSES as SELECTION_PASSES
 from .rank_selection import RankSelection
-from .registry import MergeContext, Tensor, merge_method
+from .declaration import MergeContext, Tensor, merge_method
 from .row_sums import as_rows, at_least_1d, row_blocks, row_sums
 
 SAMPLE_SIZE = 1_000_000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import Tensor, merge_method
+from .declaration import Tensor, merge_method
 
 
 @merge_method("linear", min_models=1, scratch=1)

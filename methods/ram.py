@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import Tensor, merge_method
+from .declaration import Tensor, merge_method
 from .row_sums import as_rows, row_blocks
 
 

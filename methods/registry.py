@@ -1,169 +1,27 @@
-"""Merge methods are plain functions; their signatures are their declarations.
+"""Every merge method by recipe name: the table the engine looks methods up in.
 
-    @merge_method("linear")
-    def linear(tensors: list[Tensor], weight: list[float] = 1.0, normalize: bool = True) -> Tensor
+Importing this module imports every method module (each registers its methods with
+`@merge_method`, methods/declaration.py) and then closes registration: from then on the table
+is complete and read-only, so a name means one method for the life of the process. A new method
+module is listed in the import below (an unlisted one imported later is refused).
 
-The engine reads everything it needs from the signature (mergekit's easy_define mapping):
-- `tensors: list[Tensor]`  the non-base inputs, in recipe order;
-- `base: Tensor`           a base model is required (`base: Tensor | None`: optional);
-- `float` / `int` / `bool` arguments are global parameters (slice or top-level `parameters`);
-- `list[float]` / `list[bool]` / `list[int]` arguments are per-model parameters, one value per
-  tensor in `tensors`; the default is a per-model default;
-- `stats: dict`            whole-tensor statistics from the method's `statistics` function
-  (see below), so the method still works when the engine feeds it row chunks;
-- `ctx: MergeContext`      the tensor's name, row range and the recipe seed, for methods that
-  need keyed randomness or the name.
-A method never sees files, graphs or budgets. It receives float32 tensors (whole, or a row
-chunk: rows [ctx.row_start, ctx.row_stop) of the full tensor) and returns float32.
-
-Statistics: a method whose result depends on whole-tensor reductions (slerp's norms and dot,
-TIES' top-k threshold) declares `statistics=[pass1, pass2, ...]`. Each pass is called like the
-method itself (same keyword arguments, `stats` holding the earlier passes' results) on every
-row chunk and returns partials the engine combines over the whole tensor:
-- a floating-point partial must be *per row* (shape [chunk_rows, ...]): the engine concatenates
-  them in row order, and the method reduces the full vector itself, so the bytes do not depend
-  on how rows were chunked;
-- an integer partial (counts, histograms) is summed over chunks (integer sums are exact).
+The declaration vocabulary (MergeContext, MergeMethod, Tensor) is re-exported here for the
+engine and the tests; method modules import it from methods/declaration.py, never
+from here, so the table depends on the methods and not the other way round.
 """
 
 from __future__ import annotations
 
-import inspect
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from ..errors import MergeError
+from . import arcee_fusion, linear, model_stock, nearswap, ram, sce, slerp, spherical, task_vectors  # noqa: F401  (each registers its methods)
+from .declaration import MergeContext, MergeMethod, Tensor, close_registration
 
-import torch
+__all__ = ["REGISTRY", "MergeContext", "MergeMethod", "Tensor", "all_methods", "get_method"]
 
-from ..engine.errors import MergeError
-
-Tensor = torch.Tensor
-
-
-@dataclass(frozen=True)
-class MergeContext:
-    """What a method may know about where its inputs come from."""
-
-    tensor_name: str
-    row_start: int
-    row_stop: int
-    rows: int  # rows in the whole tensor
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Parameter:
-    name: str  # as the recipe spells it; the argument may add a trailing _ (lambda_)
-    type: type  # float, int or bool
-    per_model: bool
-    default: Any  # inspect.Parameter.empty when required
-
-    @property
-    def required(self) -> bool:
-        return self.default is inspect.Parameter.empty
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    name: str
-    function: Callable[..., Tensor]
-    parameters: dict[str, Parameter]
-    base: str  # "required", "optional" or "none"
-    min_models: int  # non-base inputs
-    max_models: int | None
-    statistics: tuple[Callable[..., dict[str, Tensor]], ...]
-    scratch: int  # float32 tensor-sized buffers the method allocates besides its inputs
-    wants_ctx: bool
-    argument_names: dict[str, str] = field(default_factory=dict)  # recipe name -> argument name
-    description: str = ""
-
-    def _arguments(self, base, tensors, params: dict[str, Any], ctx: MergeContext, stats) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"tensors": tensors}
-        for name, value in params.items():
-            kwargs[self.argument_names[name]] = value
-        if self.base != "none":
-            kwargs["base"] = base
-        if self.statistics:
-            kwargs["stats"] = stats
-        if self.wants_ctx:
-            kwargs["ctx"] = ctx
-        return kwargs
-
-    def __call__(self, base, tensors, params: dict[str, Any], ctx: MergeContext, stats=None) -> Tensor:
-        """Merge (a row chunk of) one tensor; `params` holds global and per-model values by recipe name.
-
-        `stats=None` for a method with statistics and a call holding the whole tensor: the passes
-        run here first, on the same inputs (one chunk's partials are the combined statistics).
-        """
-        if stats is None and self.statistics:
-            stats = self.whole_tensor_statistics(base, tensors, params, ctx)
-        return self.function(**self._arguments(base, tensors, params, ctx, stats))
-
-    def whole_tensor_statistics(self, base, tensors, params: dict[str, Any], ctx: MergeContext) -> dict[str, Tensor]:
-        if (ctx.row_start, ctx.row_stop) != (0, ctx.rows):
-            return {}  # a row chunk: statistics must come from the engine's passes over every chunk
-        stats: dict[str, Tensor] = {}
-        for index in range(len(self.statistics)):
-            stats = {**stats, **self.statistics_pass(index, base, tensors, params, ctx, stats)}
-        return stats
-
-    def statistics_pass(self, index: int, base, tensors, params: dict[str, Any], ctx: MergeContext, stats) -> dict[str, Tensor]:
-        kwargs = self._arguments(base, tensors, params, ctx, stats)
-        kwargs["stats"] = stats
-        return self.statistics[index](**kwargs)
-
-
-REGISTRY: dict[str, MergeMethod] = {}
-
-_SPECIAL = {"tensors", "base", "stats", "ctx"}
-
-
-def _parameter(p: inspect.Parameter, hint: Any, method: str) -> Parameter:
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        return Parameter(p.name.rstrip("_"), inner, True, p.default)
-    if hint in (float, int, bool):
-        return Parameter(p.name.rstrip("_"), hint, False, p.default)
-    raise TypeError(f"method {method}: parameter {p.name} has unsupported annotation {hint!r}")
-
-
-def _base_mode(hint: Any) -> str:
-    if hint is Tensor:
-        return "required"
-    args = typing.get_args(hint)
-    if (typing.get_origin(hint) in (typing.Union, types.UnionType)) and Tensor in args and type(None) in args:
-        return "optional"
-    raise TypeError(f"base must be annotated Tensor or Tensor | None, got {hint!r}")
-
-
-def merge_method(name: str, *, min_models: int = 1, max_models: int | None = None,
-                 statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1):
-    """Register `function` under the recipe name `name`, its schema read from its signature."""
-
-    def register(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        hints = typing.get_type_hints(function)
-        sig = inspect.signature(function)
-        declared = [(p.name, _parameter(p, hints[p.name], name)) for p in sig.parameters.values() if p.name not in _SPECIAL]
-        params = {param.name: param for _, param in declared}
-        base = _base_mode(hints["base"]) if "base" in sig.parameters else "none"
-        doc = inspect.getdoc(function) or ""
-        REGISTRY[name] = MergeMethod(
-            name=name, function=function, parameters=params, base=base,
-            min_models=min_models, max_models=max_models, scratch=scratch,
-            statistics=tuple(statistics) if isinstance(statistics, (list, tuple)) else ((statistics,) if statistics else ()),
-            wants_ctx="ctx" in sig.parameters, argument_names={param.name: arg for arg, param in declared},
-            description=doc.split("\n\n")[0].replace("\n", " "),
-        )
-        return function
-
-    return register
+REGISTRY = close_registration()  # read-only: name -> MergeMethod
 
 
 def get_method(name: str) -> MergeMethod:
-    from . import load_all  # noqa: F401  (registers every method module)
-
     try:
         return REGISTRY[name]
     except KeyError:
@@ -172,6 +30,4 @@ def get_method(name: str) -> MergeMethod:
 
 
 def all_methods() -> dict[str, MergeMethod]:
-    from . import load_all  # noqa: F401
-
     return dict(sorted(REGISTRY.items()))

@@ -13,7 +13,7 @@ import torch
 
 from .rank_selection import PASSES as SELECTION_PASSES
 from .rank_selection import RankSelection
-from .registry import MergeContext, Tensor, merge_method
+from .declaration import MergeContext, Tensor, merge_method
 from .row_sums import as_rows, at_least_1d, row_blocks, row_sums, total
 from .task_vectors import SignConsensus
 

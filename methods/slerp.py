@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .registry import Tensor, merge_method
+from .declaration import Tensor, merge_method
 from .row_sums import gram_partial, gram_total
 
 DOT_THRESHOLD = 0.9995

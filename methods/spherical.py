@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from ..engine.errors import MergeError
-from .registry import MergeContext, Tensor, merge_method
+from ..errors import MergeError
+from .declaration import MergeContext, Tensor, merge_method
 from .row_sums import (BUCKETS, as_rows, at_least_1d, column_sum_partial, column_sum_total, gram_partial, gram_total,
                        row_blocks, row_sums)
 

@@ -33,11 +33,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..engine.errors import MergeError
+from ..errors import MergeError
 from . import keyed_random
 from .rank_selection import PASSES as SELECTION_PASSES
 from .rank_selection import RankSelection
-from .registry import MergeContext, Tensor, merge_method
+from .declaration import MergeContext, Tensor, merge_method
 from .row_sums import as_rows, at_least_1d, row_blocks, row_sums, total
 
 RESCALE_EPS = 1e-7  # mergekit: no L1 rescaling when either mass is below this

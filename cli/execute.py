@@ -1,0 +1,120 @@
+"""Running a merge from the command line: the body `run`, `lora apply`, `moe`, `demo` and
+`fill-missing` share.
+
+`run_recipe` is `mergeng run` with plain arguments; `execute` runs a prepared merge with its
+warnings, a progress bar, a one-line summary and Ctrl-C handling: the first Ctrl-C stops the
+merge, further ones are ignored while the journal is committed and the workers stop, so the
+exit is always a clean 130. Command modules import this one; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import MergeError
+from . import mergekit_options as mk
+from .console import console, fail
+from .options import max_unit_bytes, ram_budget, shard_bytes
+
+
+def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[Path] = None, *, ram: Optional[str] = None,
+               shard_size: str = "5B", workers: int = 2, fresh: bool = False, seed: Optional[int] = None,
+               strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
+               allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
+               quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None) -> None:
+    """`mergeng run` with plain arguments (also `lora apply`'s body)."""
+    from ..engine.run import prepare, prepared_stages_on_disk
+
+    try:
+        target = output_folder(recipe, out_path, out_dir)
+        notes = (flags or mk.MergekitFlags()).check()
+        if not quiet:
+            for note in notes:
+                console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
+        mk.set_num_threads(flags.num_threads if flags else None)
+        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+        sizes = (ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit))
+        if intermediate_dir is not None:
+            peak = 0
+            for stage, prepared, stage_target in prepared_stages_on_disk(recipe, intermediate_dir, target, *sizes, **options):
+                profile = execute(prepared, stage_target, fresh, done=f"{stage.label} merged", earlier_peak=peak, quiet=quiet,
+                                  copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+                peak = max(peak, profile["peak_rss_bytes"])
+            return
+        prepared = prepare(recipe, *sizes, **options)
+        if verbose:
+            from .plan_view import render_text
+
+            render_text(prepared, console)
+        execute(prepared, target, fresh, quiet=quiet, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+    except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
+        fail(e, debug)
+
+
+def output_folder(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path]) -> Path:
+    """mergekit's OUT_PATH argument or -o; both given must name the same folder."""
+    if out_path is not None and out_dir is not None and Path(out_path).absolute() != Path(out_dir).absolute():
+        raise MergeError(f"output folder given twice, as OUT_PATH {out_path} and as -o {out_dir}; give one of them")
+    return out_path or out_dir or Path("merged") / recipe.stem
+
+
+def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_peak: int = 0, *, quiet: bool = False,
+            copy_tokenizer: bool = True, write_model_card: bool = True) -> dict:
+    """Run a prepared merge with warnings, a progress bar, a one-line summary and Ctrl-C handling.
+
+    `earlier_peak`: RSS peak of work the command did before the merge (e.g. computing MoE routers).
+    `quiet`: warnings only (no progress bar, no summary line)."""
+    from ..engine.journal import STATE_DIR
+    from ..engine.memory import format_size
+    from ..engine.run import run_merge
+    from .progress import MergeProgress
+
+    warnings = prepared.plan.warnings
+    for w in warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+    total = sum(t.output.nbytes for t in prepared.plan.tasks)
+    with _later_interrupts_ignored():
+        try:
+            with MergeProgress(Console(stderr=True, quiet=True) if quiet else console, total) as progress:
+                profile = run_merge(prepared, target, fresh, on_start=progress.start, on_progress=progress.advance,
+                                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
+            raise typer.Exit(130)
+    if quiet:
+        return profile
+    resumed = " (resumed)" if profile["resumed"] else ""
+    peak = max(profile["peak_rss_bytes"], earlier_peak)
+    warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {target / STATE_DIR / 'report.json'}" if warnings else ""
+    console.print(f"[green]{done}[/green] into {target}{resumed}: peak RSS {format_size(peak)} "
+                  f"of {format_size(profile['ram_budget_bytes'])} budget{warned}", highlight=False, soft_wrap=True)
+    return profile
+
+
+@contextmanager
+def _later_interrupts_ignored() -> Iterator[None]:
+    """The first Ctrl-C raises KeyboardInterrupt; from then on SIGINT is ignored, so a second
+    Ctrl-C cannot break the journal commit and thread joins that follow (the command then exits
+    130). Without an interrupt the previous handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def first_interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first_interrupt)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is first_interrupt:
+            signal.signal(signal.SIGINT, previous)

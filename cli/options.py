@@ -1,0 +1,46 @@
+"""Options several commands share, and the parsing of their size arguments.
+
+`run`, `plan`, `lora apply`, `moe`, ... take the same --ram, --shard-size, --workers, --fresh,
+--max-unit and --debug; they are declared once here, with the same help text everywhere, and
+their text is turned into bytes by the same three functions. This module knows typer and the
+engine's size parsers, nothing of any command (so every command module may import it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+RamOption = typer.Option(None, "--ram", help="Peak RSS ceiling for the whole process, e.g. 2G, 512M, 64G (binary units). Default: 80% of available memory.")
+DebugOption = typer.Option(False, "--debug", help="Show tracebacks.")
+ShardSizeOption = typer.Option("5B", "--shard-size", "--out-shard-size", help="Largest output shard in bytes, in mergekit's notation: 5B = 5 billion, 500M, 100K (also 5G, 5GB).")
+WorkersOption = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes.")
+FreshOption = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over.")
+StrictOption = typer.Option(False, "--strict", help="Treat every warning (unknown recipe keys or parameters, unmatched filters, dropped tensors) as an error.")
+TruncateVocabOption = typer.Option(False, "--truncate-vocab/--no-truncate-vocab", "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", help="Allow models whose vocabularies differ in size: embeddings are cut to the smallest (said in the report).")
+MaxUnitOption = typer.Option(None, "--max-unit", help="Largest working set of one unit of work (e.g. 64M); smaller units mean more row chunks.", hidden=True)
+
+
+def ram_budget(ram: Optional[str]) -> Optional[int]:
+    """--ram in bytes (binary units), or None for the default budget."""
+    from ..engine.memory import parse_size
+
+    return parse_size(ram) if ram else None
+
+
+def max_unit_bytes(text: Optional[str]) -> int:
+    """--max-unit in bytes, or the scheduler's default."""
+    from ..engine.memory import parse_size
+    from ..engine.scheduler import MAX_UNIT_BYTES
+
+    return parse_size(text, "--max-unit") if text else MAX_UNIT_BYTES
+
+
+def shard_bytes(text: str) -> int:
+    """--shard-size in bytes, in mergekit's decimal notation (5B = 5 billion)."""
+    from .mergekit_options import parse_shard_size
+
+    return parse_shard_size(text)
