@@ -16,7 +16,7 @@ from ..engine.memory import format_size
 from ..engine.output_config import config_changes
 from ..engine.run import Prepared
 from ..engine.scheduler import read_bytes
-from ..engine.stages import computations, leaf_sources
+from ..engine.stages import computations, held_intermediates, leaf_sources
 from .lora_view import render_lora
 
 
@@ -51,8 +51,10 @@ def plan_summary(prepared: Prepared) -> dict:
 def _stages_summary(prepared: Prepared) -> list[dict]:
     """A multi-stage recipe's stages, output last, with how often each intermediate is computed."""
     computed = computations(prepared.plan.tasks, prepared.schedule.chunk_rows)
+    held = held_intermediates(prepared.plan.tasks)
     return [{**stage, "computed": round(computed.get(stage["name"], 0) / max(stage["tensors"], 1), 2)
-             if stage is not prepared.plan.stages[-1] else 1} for stage in prepared.plan.stages]
+             if stage is not prepared.plan.stages[-1] else 1, "held": held.get(stage["name"], 0)}
+            for stage in prepared.plan.stages]
 
 
 def _vocabulary_summary(plan) -> dict | None:
@@ -98,7 +100,8 @@ def render_text(prepared: Prepared, console: Console) -> None:
         for st in summary["stages"]:
             stages.add_row(st["name"] or "(output)", st["method"], ", ".join(st["models"]), str(st["tensors"]),
                            format_size(st["bytes"]), str(st["layers"] or ""),
-                           "written" if st is summary["stages"][-1] else f"{st['computed']:g}x per tensor")
+                           "written" if st is summary["stages"][-1] else
+                           f"{st['computed']:g}x per tensor" + (f" ({st['held']} held whole)" if st["held"] else ""))
         console.print(stages)
     layers = Table("layer", "tensors", "read", "written", title="per layer", title_justify="left")
     stacks = find_layer_stacks([t.output.name for t in plan.tasks])
@@ -187,3 +190,26 @@ def node_text(d: dict) -> str:
 def _dot_text(text: str) -> str:
     """A Graphviz quoted string's contents: backslash and quote escaped, newlines as \\n."""
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def ray_summary(ray_plan) -> dict:
+    """--executor ray: the cluster's nodes and the partitions (one Ray task per output shard)."""
+    return {"nodes": ray_plan.nodes, "worker_baseline_bytes": ray_plan.prepared.schedule.baseline,
+            "partitions": [{"shard": p.shard, "tensors": len(p.tensors), "units": len(p.units), "memory_request_bytes": p.memory,
+                            "read_bytes": p.read_bytes, "write_bytes": p.write_bytes} for p in ray_plan.partitions]}
+
+
+def render_partitions(ray_plan, console: Console, shown: int = 20) -> None:
+    """--executor ray: one row per Ray task (an output shard) with its memory request and bytes."""
+    from ..engine.ray_partitions import describe_nodes
+
+    table = Table("task", "shard", "tensors", "units", "memory", "reads", "writes",
+                  title="Ray tasks: one per output shard, 1 CPU and its memory request each", title_justify="left")
+    for p in ray_plan.partitions[:shown]:
+        table.add_row(str(p.index + 1), p.shard, str(len(p.tensors)), str(len(p.units)), format_size(p.memory),
+                      format_size(p.read_bytes), format_size(p.write_bytes))
+    if len(ray_plan.partitions) > shown:
+        table.add_row(f"... {len(ray_plan.partitions) - shown} more", "", "", "", "", "", "")
+    console.print(table)
+    console.print(f"Ray nodes' memory: {describe_nodes(ray_plan.nodes)}; a request includes a worker's measured baseline "
+                  f"of {format_size(ray_plan.prepared.schedule.baseline)}", highlight=False)
