@@ -177,7 +177,7 @@ def fill_missing(
 
     Example: mergeng fill-missing --donor llava-base --part my-llama-finetune -o llava-finetuned
     """
-    from ..engine.fill_missing import build_fill_missing_plan, fill_missing_recipe_text
+    from ..engine.builders.fill_missing import build_fill_missing_plan, fill_missing_recipe_text
     from ..engine.run import prepare_plan
 
     try:

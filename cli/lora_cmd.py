@@ -1,7 +1,7 @@
 """`mergeng lora apply` and `mergeng lora extract`: LoRA adapters in and out of the engine.
 
 `apply` is the passthrough recipe `models: [{model: BASE+ADAPTER}]` run through `mergeng run`;
-`extract` writes a PEFT adapter from the difference of two models (engine/lora_extract.py).
+`extract` writes a PEFT adapter from the difference of two models (engine/builders/lora_extract.py).
 cli/app.py adds `lora_app` as the `lora` group; this module imports the shared options and
 runner, never cli/app.py. How `plan` shows adapters is cli/lora_view.py.
 """
@@ -70,7 +70,7 @@ def extract(
 
     Example: mergeng lora extract --base models/llama --model models/llama-chat -o adapters/chat --rank 16 --save-module lm_head
     """
-    from ..engine.lora_extract import extract_lora
+    from ..engine.builders.lora_extract import extract_lora
 
     try:
         report = extract_lora(base, model, out_dir, rank, sv_epsilon, include, exclude, save_module, ram_budget(ram))

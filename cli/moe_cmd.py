@@ -32,7 +32,7 @@ def moe(
 
     Example: mergeng moe configs/moe.yml -o merged/moe --ram 2G
     """
-    from ..engine.moe import prepare_moe
+    from ..engine.builders.moe import prepare_moe
 
     try:
         _refuse_output_over_inputs(config, out_dir)
@@ -45,7 +45,7 @@ def moe(
 
 def _refuse_output_over_inputs(config: Path, out_dir: Path) -> None:
     """The output must not be, hold or sit inside a model folder of the config (nothing is written yet)."""
-    from ..engine.moe import parse_moe_config
+    from ..engine.builders.moe import parse_moe_config
     from ..engine.paths import resolve_model_path
     from ..engine.run import refuse_unsafe_output
 

@@ -16,7 +16,7 @@ from ..engine.memory import format_size
 from ..engine.output_config import config_changes
 from ..engine.run import Prepared
 from ..engine.scheduler import read_bytes
-from ..engine.stages import computations, held_intermediates, leaf_sources
+from ..engine.builders.stages import computations, held_intermediates, leaf_sources
 from .lora_view import render_lora
 
 

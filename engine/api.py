@@ -76,7 +76,7 @@ def load_recipe_input(recipe: str | Path | dict | list):
     import yaml
 
     from .recipe import parse_recipe
-    from .stages import is_multi_stage, read_stages
+    from .builders.stages import is_multi_stage, read_stages
 
     folder = None
     if isinstance(recipe, (dict, list)):  # a list of dicts: a multi-stage recipe's documents

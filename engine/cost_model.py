@@ -12,7 +12,7 @@
       + what its computed inputs hold between reads (held_bytes: a multi-stage
         intermediate's whole-tensor statistics)
 
-    a computed input (a multi-stage intermediate, engine/stages.py) costs, per row read, the
+    a computed input (a multi-stage intermediate, engine/builders/stages.py) costs, per row read, the
     unit cost of the stage tensor that makes it (recursively) plus its result rows
 
 The scheduler sizes chunks and predicts the peak with these numbers, the executor admits

@@ -8,7 +8,7 @@ Why it exists: `plan --format dot/html` draw it. One node per tensor made a 4-la
 hundreds of boxes and an 80-layer one thousands; here a node is a layer group:
 - read    one stored model's tensors of one layer group (its own layer numbers);
 - stage   one stage's intermediate tensors of one layer group (multi-stage recipes,
-          engine/stages.py: rows computed on read, never stored);
+          engine/builders/stages.py: rows computed on read, never stored);
 - output  the output tensors of one layer group (merge + write).
 Edges go producer → consumer with the bytes that flow along them in a run.
 
@@ -40,7 +40,7 @@ from ..architectures.layout import find_layer_stacks, parse_layer_name
 from .merge_plan import TensorTask
 from .scheduler import statistics_passes
 from .source import ComputedRows, TensorInfo, disk_row_bytes
-from .stages import StageRows
+from .builders.stages import StageRows
 
 MAX_LAYER_NODES = 40  # up to this many output layers: one node per layer
 TARGET_GROUPS = 10  # beyond it: ranges of about layers / TARGET_GROUPS consecutive layers

@@ -50,7 +50,7 @@ class MergePlan:
     modules: dict[str, int] = field(default_factory=dict)  # `modules:` recipes: tensors each module covers
     vocabulary: VocabularyPlan | None = None  # the output tokenizer and permutations (tokenizer_source / tokenizer:)
     chat_template: str | None = None  # the output tokenizer's chat template (recipe `chat_template`, resolved)
-    stages: list[dict] = field(default_factory=list)  # a multi-stage recipe's stages, output last (engine/stages.py)
+    stages: list[dict] = field(default_factory=list)  # a multi-stage recipe's stages, output last (engine/builders/stages.py)
 
 
 def natural_key(name: str) -> list:

@@ -37,7 +37,7 @@ from .output_files import OUTPUT_FILES, TOKENIZER_FILES, tokenizer_donor, write_
 from .recipe import Recipe, load_recipe
 from .scheduler import MAX_UNIT_BYTES, Schedule, make_schedule, require_feasible
 from .source import file_stamp
-from .stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
+from .builders.stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
 from .writer import DEFAULT_SHARD_SIZE, ShardLayout, ShardWriter
 
 
@@ -87,7 +87,7 @@ def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | Non
                    shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
                    seed: int | None = None, strict: bool = False, truncate_vocab: bool = False, allow_crimes: bool = False,
                    on_disk: dict[str, Path] | None = None) -> Prepared:
-    """`prepare` for a multi-stage recipe (engine/stages.py): the last stage's plan, reading the
+    """`prepare` for a multi-stage recipe (engine/builders/stages.py): the last stage's plan, reading the
     others in memory, or from `on_disk` folders (--intermediate-dir runs)."""
     def build(recipe: Recipe, sources: dict) -> MergePlan:
         return plan_recipe(recipe, sources, seed=seed, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
@@ -331,7 +331,7 @@ def input_folders(prepared: Prepared) -> dict[str, Path]:
                 folders.setdefault(f"LoRA adapter of '{src.label}'", adapter.path)
             src = getattr(src, "base", None)
     donor = tokenizer_donor(prepared.plan)
-    if not is_header_folder(donor):  # a stage's own files (engine/stages.py), not a user's folder
+    if not is_header_folder(donor):  # a stage's own files (engine/builders/stages.py), not a user's folder
         folders.setdefault("tokenizer_source", donor)
     return folders
 

@@ -5,7 +5,7 @@ The graph (engine/merge_plan.py makes its tasks, this module its units, engine/g
     read base[k:n] ─┐
     read a[k:n] ────┼─► stats t[k:n] ─► … ─► apply t[k:n] ─► write t[k:n] into its shard range
     stage s[k:n] ───┘     (each pass of t waits for the whole previous pass)
-      ▲ computed on read from read x[k:n], read y[k:n] (engine/stages.py), never stored
+      ▲ computed on read from read x[k:n], read y[k:n] (engine/builders/stages.py), never stored
 
 What the order optimises, highest priority first (each rule is a line of `make_schedule`):
 1. Never cross the budget. A unit's bytes come from the one cost model; a tensor is cut into
@@ -50,8 +50,7 @@ from .cost_model import RESERVE_BYTES, RUNTIME_OVERHEAD, fixed_cost, held_bytes,
 from .errors import MergeError
 from .memory import format_size, heap_slack
 from .merge_plan import TensorTask
-from .source import disk_row_bytes, stored_origin
-from .stages import StageRows
+from .source import ComputedRows, disk_row_bytes, stored_origin
 
 # one unit's working set; its buffers then stay under memory.HEAP_BUFFER_LIMIT and are reused
 MAX_UNIT_BYTES = 64 << 20
@@ -161,20 +160,25 @@ def _chunk_rows(task: TensorTask, footprint, work_budget: int, workers: int, max
 def _choose_held_intermediates(tasks: list[TensorTask], footprints, work_budget: int, workers: int,
                                max_unit_bytes: int) -> None:
     """Rule 4's exception: an intermediate read by a row-chunked tensor is held whole (computed
-    once, engine/stages.py) when it fits a quarter of a worker's share; else recomputed per read."""
-    computed = [info.patch for task in tasks for _, info in task.all_inputs if isinstance(info.patch, StageRows)]
+    once, engine/builders/stages.py) when it fits a quarter of a worker's share; else recomputed per read."""
+    computed = [info.patch for task in tasks for _, info in task.all_inputs if holdable(info)]
     for patch in computed:
         patch.hold = False
     limit = work_budget // workers // 4
     if limit <= 0:
         return
     for task, footprint in zip(tasks, footprints):
-        inputs = [info.patch for _, info in task.all_inputs if isinstance(info.patch, StageRows)]
+        inputs = [info.patch for _, info in task.all_inputs if holdable(info)]
         if not inputs or _chunk_rows(task, footprint, work_budget, workers, max_unit_bytes) == task.output.rows:
             continue
         if sum(p.hold_bytes for p in inputs) <= limit:
             for p in inputs:
                 p.hold = True
+
+
+def holdable(info) -> bool:
+    """A computed input that can be held whole (ComputedRows with hold_bytes: an intermediate)."""
+    return isinstance(info.patch, ComputedRows) and info.patch.hold_bytes > 0
 
 
 def _smallest_need(task: TensorTask, footprint) -> int:

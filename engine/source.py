@@ -145,12 +145,15 @@ class ComputedRows:
 
     Subclasses give `row_bytes`/`fixed_bytes` (the TensorPatch budget: live bytes per row read,
     and once per read), `held_bytes` (what stays live between reads of the same consumer, e.g.
-    whole-tensor statistics, until `release`), `origin` (the stored tensor whose bytes a read
+    whole-tensor statistics, until `release`), `hold`/`hold_bytes` (whether the scheduler chose to
+    keep the whole tensor, and its cost), `origin` (the stored tensor whose bytes a read
     starts from, for read ordering and prefetch) and `read_row_bytes` (disk bytes read per row)."""
 
     row_bytes: int = 0
     fixed_bytes: int = 0
     held_bytes: int = 0
+    hold: bool = False  # set by the scheduler: compute the whole tensor once and keep it until `release`
+    hold_bytes: int = 0  # what holding it costs (0: cannot be held)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError

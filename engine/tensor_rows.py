@@ -3,7 +3,7 @@
     read_inputs ─► [statistics passes ─► fold] ─► apply_method ─► rows in the output dtype
 
 The executor runs its units through these functions, and a multi-stage recipe's intermediate
-tensors (engine/stages.py) are computed by exactly the same code, so a fused run gives the
+tensors (engine/builders/stages.py) are computed by exactly the same code, so a fused run gives the
 bytes of running the stages one after another.
 
 Invariants:

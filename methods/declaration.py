@@ -28,7 +28,7 @@ row chunk and returns partials the engine combines over the whole tensor:
 Registration: `@merge_method` registers a function once, under a name no other method has;
 methods/registry.py imports every method module and then closes registration, so the table
 is complete and never changes afterwards (nothing is popped or re-registered). A method that
-is not a recipe method (e.g. engine/moe.py's expert noise) is built with `declare_method`,
+is not a recipe method (e.g. engine/builders/moe.py's expert noise) is built with `declare_method`,
 which reads the signature the same way and registers nothing.
 
 This module is what a method module imports; it imports nothing of mergeng, so methods never

@@ -19,7 +19,7 @@ def test_example_recipe_is_valid(path):
 
 
 def test_example_moe_config_is_valid():
-    from mergeng.engine.moe import parse_moe_config
+    from mergeng.engine.builders.moe import parse_moe_config
 
     config = parse_moe_config((CONFIGS / "moe.yml").read_text(), "moe.yml")
     assert config.gate_mode == "hidden" and len(config.experts) == 2

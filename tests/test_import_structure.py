@@ -162,3 +162,14 @@ def test_only_the_api_wrappers_import_from_the_root():
     graph = import_graph()
     bad = sorted(_short(a) for a, _ in graph.in_edges("mergeng"))
     assert not bad, "modules importing the root package: " + ", ".join(bad)
+
+
+def test_the_pipeline_imports_no_builder_but_through_its_entry_points():
+    """engine/builders/ turns other inputs (multi-stage recipes, MoE configs, ...) into plans for the
+    pipeline; of the pipeline only the entry points (run, api) and the plan's views (graph) know them."""
+    graph = import_graph()
+    entry = {"mergeng.engine.run", "mergeng.engine.api", "mergeng.engine.graph"}
+    bad = sorted(f"{_short(a)} -> {_short(b)}" for a, b in graph.edges
+                 if b.startswith("mergeng.engine.builders") and a.startswith("mergeng.engine.")
+                 and not a.startswith("mergeng.engine.builders") and a not in entry)
+    assert not bad, "pipeline modules importing a builder:\n" + "\n".join(bad)

@@ -224,7 +224,7 @@ def test_full_rank_extraction_loaded_with_peft_reproduces_the_fine_tune(tmp_path
 
 
 def test_rank_8_extraction_reports_retained_energy(tmp_path, tiny_models):
-    from mergeng.engine.lora_extract import extract_lora
+    from mergeng.engine.builders.lora_extract import extract_lora
 
     base, tuned = tiny_models["base"], tiny_models["a"]
     result = cli("lora", "extract", "--base", base, "--model", tuned, "-o", tmp_path / "r8", "--rank", "8",

@@ -10,8 +10,8 @@ import torch
 
 from mergeng.engine.errors import MergeError
 from mergeng.engine.memory import current_rss, parse_size
-from mergeng.engine.moe import parse_moe_config, prepare_moe, run_moe
-from mergeng.engine.moe_gates import hidden_summaries, tokenize
+from mergeng.engine.builders.moe import parse_moe_config, prepare_moe, run_moe
+from mergeng.engine.builders.moe_gates import hidden_summaries, tokenize
 from mergeng.engine.source import ModelSource
 from mergeng.engine.tiny_models import TINY, make_llama
 

@@ -1,4 +1,4 @@
-"""Multi-stage recipes (engine/stages.py): fused in memory they give exactly the bytes of running
+"""Multi-stage recipes (engine/builders/stages.py): fused in memory they give exactly the bytes of running
 the stages one after another, write no intermediate, plan from headers alone, resume after a
 kill, and refuse malformed stage graphs in one line."""
 
@@ -118,7 +118,7 @@ def test_fused_run_is_byte_identical_to_stage_by_stage(tmp_path, tiny_models, te
 def test_held_and_recomputed_intermediates_give_the_same_bytes(tmp_path, tiny_models):
     from mergeng.engine.run import prepare, run_merge
     from mergeng.engine.scheduler import make_schedule
-    from mergeng.engine.stages import StageRows
+    from mergeng.engine.builders.stages import StageRows
 
     recipe = recipe_for(tmp_path, tiny_models, CHAIN)
 

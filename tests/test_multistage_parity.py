@@ -261,7 +261,7 @@ def test_fused_equals_stage_by_stage_in_small_units(models, tmp_path):
     assert planned.exit_code == 0, planned.output
     plan = json.loads(planned.stdout)
     assert max(t["chunks"] for t in plan["chunked_tensors"]) > 1
-    # re-read per chunk and pass, or held whole (engine/stages.py)
+    # re-read per chunk and pass, or held whole (engine/builders/stages.py)
     assert [s["computed"] > 1 or s["held"] > 0 for s in plan["stages"] if s["name"] == "s"] == [True]
     fused = merge(tmp_path, text, "--ram", "1G", "--max-unit", "4K", name="fused")
     staged = merge(tmp_path, text, "--ram", "1G", "--max-unit", "4K", "-I", tmp_path / "stages", name="staged")

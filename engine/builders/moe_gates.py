@@ -28,11 +28,11 @@ from importlib import import_module
 
 import torch
 
-from ..methods.keyed_random import stream_key
-from .errors import MergeError
-from .memory import tune_allocator, trim_heap
-from .cost_model import layer_pass_bytes, require_work_fits
-from .source import ModelSource, TensorInfo, read_rows
+from ...methods.keyed_random import stream_key
+from ..errors import MergeError
+from ..memory import tune_allocator, trim_heap
+from ..cost_model import layer_pass_bytes, require_work_fits
+from ..source import ModelSource, TensorInfo, read_rows
 
 EMBED = "model.embed_tokens.weight"
 LAYER = "model.layers.{i}."

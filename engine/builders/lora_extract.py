@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import MergeError
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_model
-from .cost_model import lowrank_columns, require_work_fits, svd_bytes, use_lowrank
-from .source import TensorInfo, read_rows
-from .writer import AppendingWriter
+from ..errors import MergeError
+from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_model
+from ..cost_model import lowrank_columns, require_work_fits, svd_bytes, use_lowrank
+from ..source import TensorInfo, read_rows
+from ..writer import AppendingWriter
 
 # Randomized SVD with q = 2R + 10 columns and 6 power iterations keeps ≥ 99.9% of the optimal
 # energy even for a flat (noise-like) spectrum; it is used when q ≤ min(m, n)/2, where it measured

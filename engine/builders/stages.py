@@ -44,13 +44,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from .cost_model import fixed_cost, held_bytes, row_cost, statistics_footprint
-from .dtypes import COMPUTE_DTYPE, element_size, row_elements
-from .errors import MergeError
-from .merge_plan import MergePlan, TensorTask
-from .recipe import Recipe, parse_recipe, yaml_syntax_error
-from .source import ComputedRows, TensorInfo, disk_row_bytes, read_rows
-from .tensor_rows import merged_rows, whole_statistics
+from ..cost_model import fixed_cost, held_bytes, row_cost, statistics_footprint
+from ..dtypes import COMPUTE_DTYPE, element_size, row_elements
+from ..errors import MergeError
+from ..merge_plan import MergePlan, TensorTask
+from ..recipe import Recipe, parse_recipe, yaml_syntax_error
+from ..source import ComputedRows, TensorInfo, disk_row_bytes, read_rows
+from ..tensor_rows import merged_rows, whole_statistics
 
 F32 = element_size(COMPUTE_DTYPE)
 
@@ -282,9 +282,9 @@ def plan_stages(stages: list[Stage], recipe_dir: Path | None, build, on_disk: di
 
     `build(recipe, sources)` plans one stage (engine/run.py: checks + build_plan). `on_disk`: stages
     already written as model folders (--intermediate-dir), opened as ordinary models."""
-    from .lora import open_model
-    from .output_files import write_output_files
-    from .source import ModelSource
+    from ..lora import open_model
+    from ..output_files import write_output_files
+    from ..source import ModelSource
 
     opened: dict[str, object] = {}  # model string -> source, shared by every stage
     made: dict[str, object] = {}  # stage name -> its source

@@ -1,0 +1,13 @@
+"""What turns inputs other than one recipe into the pipeline's plan (engine/merge_plan.py's
+TensorTasks), which then runs on the one scheduler, executor and writer:
+
+- stages.py        multi-stage recipes (mergekit-multi): each stage's plan becomes a source whose
+                   tensors are computed on read, so the output's plan reads them in memory
+- moe.py           mergekit-moe configs: experts stacked from dense models (moe_gates.py: routers)
+- fill_missing.py  a fine-tuned language model put back into its vision-language model
+- lora_extract.py  a PEFT adapter from a fine-tune by per-tensor SVD (the one builder that runs
+                   its own loop: its outputs' shapes are known only after each SVD)
+
+A builder may import the pipeline (engine/*.py); the pipeline never imports a builder, except
+the entry points (engine/run.py, engine/api.py) that choose one by the input's kind.
+"""
