@@ -26,8 +26,9 @@ from .console import console, fail, out
 from .execute import execute, run_recipe
 from .lora_cmd import lora_app
 from .moe_cmd import moe
-from .options import (HELP_OPTIONS, DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, StrictOption,
-                      TruncateVocabOption, WorkersOption, max_unit_bytes, ram_budget, shard_bytes)
+from .options import (HELP_OPTIONS, AddressOption, DebugOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
+                      ShardSizeOption, StrictOption, TruncateVocabOption, WorkersOption, executor_name, max_unit_bytes,
+                      ram_budget, shard_bytes)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                   help="Merge language and vision-language models weight by weight under a RAM budget.")
@@ -62,6 +63,8 @@ def run(
     strict: bool = StrictOption,
     truncate_vocab: bool = TruncateVocabOption,
     max_unit: Optional[str] = MaxUnitOption,
+    executor: str = ExecutorOption,
+    address: Optional[str] = AddressOption,
     debug: bool = DebugOption,
     allow_crimes: bool = mk.AllowCrimesOption,
     copy_tokenizer: bool = mk.CopyTokenizerOption,
@@ -101,7 +104,7 @@ def run(
     run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
-               intermediate_dir=intermediate_dir)
+               intermediate_dir=intermediate_dir, executor=executor, address=address)
 
 
 @app.command()
@@ -115,6 +118,8 @@ def plan(
     strict: bool = StrictOption,
     truncate_vocab: bool = TruncateVocabOption,
     max_unit: Optional[str] = MaxUnitOption,
+    executor: str = ExecutorOption,
+    address: Optional[str] = AddressOption,
     debug: bool = DebugOption,
 ):
     """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
@@ -123,13 +128,21 @@ def plan(
     """
     from ..engine.run import prepare
     from .plan_html import render_html
-    from .plan_view import plan_summary, render_dot, render_text, with_estimate
+    from .plan_view import plan_summary, ray_summary, render_dot, render_partitions, render_text, with_estimate
 
     try:
-        prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
-                           strict=strict, truncate_vocab=truncate_vocab)
+        ray_plan = None
+        if executor_name(executor, address) == "ray":  # partitions and memory requests from the cluster's nodes
+            from ..engine.ray_cluster import plan_on_ray
+
+            ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
+                                   address=address, strict=strict, truncate_vocab=truncate_vocab)
+            prepared = ray_plan.prepared
+        else:
+            prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
+                               strict=strict, truncate_vocab=truncate_vocab)
         if fmt == "json":
-            out.print_json(json.dumps(plan_summary(prepared)))
+            out.print_json(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}))
         elif fmt == "dot":
             print(render_dot(prepared))
         elif fmt == "html":
@@ -137,6 +150,8 @@ def plan(
             print(render_html(prepared, summary, predicted, profile))
         elif fmt == "text":
             render_text(prepared, out)
+            if ray_plan:
+                render_partitions(ray_plan, out)
         else:
             raise MergeError(f"--format: unknown format '{fmt}' (text, json, dot, html)")
     except Exception as e:  # noqa: BLE001

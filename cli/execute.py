@@ -21,14 +21,15 @@ from rich.console import Console
 from ..errors import MergeError
 from . import mergekit_options as mk
 from .console import console, fail
-from .options import max_unit_bytes, ram_budget, shard_bytes
+from .options import executor_name, max_unit_bytes, ram_budget, shard_bytes
 
 
 def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[Path] = None, *, ram: Optional[str] = None,
                shard_size: str = "5B", workers: int = 2, fresh: bool = False, seed: Optional[int] = None,
                strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
-               quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None) -> None:
+               quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
+               executor: str = "local", address: Optional[str] = None) -> None:
     """`mergeng run` with plain arguments (also `lora apply`'s body)."""
     from ..engine.run import prepare, prepared_stages_on_disk
 
@@ -41,6 +42,22 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
         mk.set_num_threads(flags.num_threads if flags else None)
         options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
         sizes = (ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit))
+        if executor_name(executor, address) == "ray":
+            if intermediate_dir is not None:
+                raise MergeError("--intermediate-dir runs the stages one after another here; drop it with --executor ray "
+                                 "(stages are computed in memory inside each task)")
+            from ..engine.ray_cluster import plan_on_ray
+            from ..engine.ray_run import RayUnits
+
+            ray_plan = plan_on_ray(recipe, *sizes, address=address, out_dir=target, **options)
+            if verbose:
+                from .plan_view import render_partitions, render_text
+
+                render_text(ray_plan.prepared, console)
+                render_partitions(ray_plan, console)
+            execute(ray_plan.prepared, target.absolute(), fresh, quiet=quiet, copy_tokenizer=copy_tokenizer,
+                    write_model_card=write_model_card, run_units=RayUnits(ray_plan))
+            return
         if intermediate_dir is not None:
             peak = 0
             for stage, prepared, stage_target in prepared_stages_on_disk(recipe, intermediate_dir, target, *sizes, **options):
@@ -66,11 +83,11 @@ def output_folder(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path
 
 
 def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_peak: int = 0, *, quiet: bool = False,
-            copy_tokenizer: bool = True, write_model_card: bool = True) -> dict:
+            copy_tokenizer: bool = True, write_model_card: bool = True, run_units=None) -> dict:
     """Run a prepared merge with warnings, a progress bar, a one-line summary and Ctrl-C handling.
 
     `earlier_peak`: RSS peak of work the command did before the merge (e.g. computing MoE routers).
-    `quiet`: warnings only (no progress bar, no summary line)."""
+    `quiet`: warnings only (no progress bar, no summary line). `run_units`: run_merge's (a Ray cluster)."""
     from ..engine.journal import STATE_DIR
     from ..engine.memory import format_size
     from ..engine.run import run_merge
@@ -84,7 +101,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
         try:
             with MergeProgress(Console(stderr=True, quiet=True) if quiet else console, total) as progress:
                 profile = run_merge(prepared, target, fresh, on_start=progress.start, on_progress=progress.advance,
-                                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+                                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, run_units=run_units)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)
@@ -93,6 +110,11 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     resumed = " (resumed)" if profile["resumed"] else ""
     peak = max(profile["peak_rss_bytes"], earlier_peak)
     warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {target / STATE_DIR / 'report.json'}" if warnings else ""
+    if "nodes" in profile:  # a Ray cluster (engine/ray_run.py): the tasks' peaks per node
+        nodes = ", ".join(f"{format_size(n['peak_rss_bytes'])} on {label}" for label, n in profile["nodes"].items() if n["tasks"])
+        console.print(f"[green]{done}[/green] into {target}{resumed} by {len(profile['partitions'])} Ray task(s): peak RSS "
+                      f"{nodes or 'none'}{warned}", highlight=False, soft_wrap=True)
+        return profile
     console.print(f"[green]{done}[/green] into {target}{resumed}: peak RSS {format_size(peak)} "
                   f"of {format_size(profile['ram_budget_bytes'])} budget{warned}", highlight=False, soft_wrap=True)
     return profile

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ except ImportError:  # the [ray] extra is not installed
 # (measured: +35 to +80 MiB per task on a reused worker; with these, none)
 WORKER_ENV = {"env_vars": {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold={HEAP_BUFFER_LIMIT}"
                                              f":glibc.malloc.trim_threshold={HEAP_SLACK}"}}
+CONNECT_TIMEOUT_S = 5.0
 SEE_WAIT_S = 10.0  # how long a node waits to see a file the driver just made (NFS attribute caches)
 COMPARED = ("engine", "recipe", "inputs", "layout", "vocabulary")  # fingerprint parts every node must share
 WHAT_DIFFERS = {
@@ -102,12 +104,25 @@ def connect(address: str | None) -> None:
     require_ray()
     if ray.is_initialized():
         return
+    _require_reachable(address)
     try:
         ray.init(address=address or "auto", logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MergeError(f"cannot join a Ray cluster at --address {address or 'auto'} ({first}); start one with "
                          "`ray start --head`, or give its address (HOST:PORT, or RAY_ADDRESS)") from None
+
+
+def _require_reachable(address: str | None) -> None:
+    """A HOST:PORT that does not answer is one line now (ray.init would retry for minutes)."""
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise MergeError(f"cannot join a Ray cluster at --address {address} ({e.strerror or e}); check the head node's "
+                         "address and port (ray status on the head shows them)") from None
 
 
 def cluster_nodes() -> dict[str, tuple[str, int]]:
@@ -161,7 +176,7 @@ def check_nodes(nodes: dict[str, tuple[str, int]], prepared: Prepared, args: Rec
         refs = {label: _remote(probe_node).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False), name=f"mergeng probe {label}",
             runtime_env=WORKER_ENV)
-            .remote(args, files, folder, sentinel, shared) for label, (node_id, _) in nodes.items()}
+            .remote(args, files, folder, sentinel, shared, SEE_WAIT_S) for label, (node_id, _) in nodes.items()}
         reports = {label: _get(ref, f"the probe on Ray node {label}") for label, ref in refs.items()}
     for label, report in reports.items():
         if report["problem"]:
@@ -192,10 +207,11 @@ def output_sentinel(out_dir: Path | None) -> Iterator[tuple[str | None, str | No
             Path(sentinel).unlink(missing_ok=True)
 
 
-def probe_node(args: RecipeArgs, files: dict[str, int], folder: str | None, sentinel: str | None, shared: dict) -> dict:
+def probe_node(args: RecipeArgs, files: dict[str, int], folder: str | None, sentinel: str | None, shared: dict,
+               wait_s: float) -> dict:
     """On one node: the inputs are there with the driver's sizes, the output's parent is the
     driver's, the plan matches the driver's; then the RSS of this worker holding the plan."""
-    problem = _missing_file(files) or _foreign_folder(folder, sentinel)
+    problem = _missing_file(files) or _foreign_folder(folder, sentinel, wait_s)
     if problem:
         return {"problem": problem, "baseline": 0}
     try:
@@ -220,12 +236,12 @@ def _missing_file(files: dict[str, int]) -> str | None:
     return None
 
 
-def _foreign_folder(folder: str | None, sentinel: str | None) -> str | None:
+def _foreign_folder(folder: str | None, sentinel: str | None, wait_s: float) -> str | None:
     if folder is None:
         return None
     if not os.path.isdir(folder):
         return f"cannot see the output's folder {folder}; the output must be on a filesystem every node sees"
-    deadline = time.monotonic() + SEE_WAIT_S
+    deadline = time.monotonic() + wait_s
     while sentinel and not os.path.exists(sentinel):
         if time.monotonic() > deadline:
             return (f"sees another folder at {folder} than the driver (a file made there is not visible: a node-local "
