@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import MergeError
 
@@ -22,7 +23,7 @@ def fail(e: BaseException, debug: bool) -> None:
     if debug or isinstance(e, typer.Exit):
         raise e
     if isinstance(e, MergeError):
-        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # e.g. 'mergeng[ray]' is text
         raise typer.Exit(e.exit_code)
     if isinstance(e, OSError) and e.strerror:  # the machine said no (permissions, a full or read-only disk)
         where = f"{e.filename}: " if e.filename else ""

@@ -278,11 +278,12 @@ def _get(ref, what: str):
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, MergeError):
             raise e.cause from None
-        raise MergeError(f"{what} failed: {_first_line(e.cause or e)}", exit_code=1) from None
+        raise MergeError(f"{what} failed: {_one_line(e.cause or e)} (its traceback is in the Ray worker's log)",
+                         exit_code=1) from None
     except ray.exceptions.RayError as e:
-        raise MergeError(f"{what} failed: {_first_line(e)}", exit_code=1) from None
+        raise MergeError(f"{what} failed: {_one_line(e)}; run the same command again to resume", exit_code=1) from None
 
 
-def _first_line(e: BaseException) -> str:
+def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"

@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -158,7 +159,13 @@ class RayUnits:
         recorded = defaultdict(list)
         for (t, a, b), crc in finished.items():
             recorded[layout.shard_of[t].file_name].append((t, a, b, crc))
-        ledger = _remote(ChunkLedger, num_cpus=0).remote(dict(recorded))
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # dies with the driver only
+        ledger = _remote(ChunkLedger, num_cpus=0).options(scheduling_strategy=here).remote(dict(recorded))
+
+        def drain() -> list:
+            return _get(ledger.drain.remote(), "the Ray actor collecting finished chunks (ChunkLedger)")
         todo = [p for p in self.plan.partitions if unfinished(p, prepared, finished)]
         self._finish_shards([p for p in self.plan.partitions if p not in todo], prepared, writer, finished)
         running = {self._launch(p, writer.out_dir, ledger): p for p in todo}
@@ -166,18 +173,19 @@ class RayUnits:
         try:
             while running:
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-                self._journal(ray.get(ledger.drain.remote()), journal, finished, layout, on_progress)
+                self._journal(drain(), journal, finished, layout, on_progress)
                 for ref in ready:
                     p = running.pop(ref)
                     reports.append(_get(ref, f"the Ray task of {p.shard}"))
-                    self._journal(ray.get(ledger.drain.remote()), journal, finished, layout, on_progress)
+                    self._journal(drain(), journal, finished, layout, on_progress)
                     self._finish_shards([p], prepared, writer, finished)
-            attempts = ray.get(ledger.attempts.remote())
+            attempts = _get(ledger.attempts.remote(), "the Ray actor collecting finished chunks (ChunkLedger)")
         finally:
             for ref in running:
                 ray.cancel(ref, force=True)
             if running:  # a failure or Ctrl-C: what was reported is on disk, so it is journaled
-                self._journal(ray.get(ledger.drain.remote()), journal, finished, layout, lambda n: None)
+                with contextlib.suppress(MergeError):  # the ledger itself may be what failed
+                    self._journal(drain(), journal, finished, layout, lambda n: None)
             ray.kill(ledger)
         return self._figures(reports, attempts)
 

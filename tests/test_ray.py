@@ -148,6 +148,14 @@ def test_plan_lists_one_task_per_shard_with_memory_and_bytes(tmp_path, tiny_mode
     assert text.exit_code == 0 and "Ray tasks" in text.output and "memory request" in text.output.replace("\n", " ")
 
 
+def test_without_ray_the_error_names_the_extra(tmp_path, tiny_models, monkeypatch):
+    from mergeng.engine import ray_cluster
+
+    monkeypatch.setattr(ray_cluster, "ray", None)
+    result = cli("plan", recipe_for(tmp_path, tiny_models, LINEAR), "--executor", "ray")
+    assert result.exit_code == 2 and "pip install 'mergeng[ray]'" in result.output, result.output
+
+
 def test_a_node_that_cannot_see_an_input_is_named_before_anything_is_written(tmp_path, tiny_models, cluster, monkeypatch):
     """The probes stat the driver's input files on every node (here one no node has)."""
     from mergeng.engine import ray_cluster
