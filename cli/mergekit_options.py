@@ -45,7 +45,10 @@ LoraMergeDtypeOption = typer.Option(None, "--lora-merge-dtype", help="No effect:
 
 
 def set_num_threads(n: Optional[int]) -> None:
-    """mergekit's --num-threads: torch's intra-op CPU threads."""
+    """mergekit's --num-threads: torch's intra-op CPU threads (default: the cores shared among --workers)."""
+    from ..engine.executor import pin_threads
+
+    pin_threads(n)
     if n is not None:
         import torch
 
