@@ -132,11 +132,8 @@ def intra_op_threads(workers: int) -> Iterator[None]:
 
 class Executor:
     def __init__(self, tasks: list[TensorTask], schedule: Schedule, writer: ShardWriter, journal: Journal,
-                 seed: int = 0, on_progress: Callable[[int], None] | None = None, rss_limit: int | None = None):
-        """`rss_limit`: the RSS the measured-RSS guard keeps admissions under (default: the budget less
-        the runtime overhead; a Ray task: its memory request, engine/ray_run.py)."""
+                 seed: int = 0, on_progress: Callable[[int], None] | None = None):
         self.tasks = tasks
-        self.rss_limit = schedule.budget - RUNTIME_OVERHEAD if rss_limit is None else rss_limit
         self.schedule = schedule
         self.writer = writer
         self.journal = journal
@@ -169,7 +166,7 @@ class Executor:
                 remaining[self.writer.layout.shard_of[self.tasks[u.task].output.name].file_name] += 1
         self._finish_complete_shards(remaining)
         s = self.schedule
-        admission = Admission(s.work_budget, self.rss_limit)
+        admission = Admission(s.work_budget, s.budget - RUNTIME_OVERHEAD)
         feed = iter(enumerate(units))
         feed_lock = threading.Lock()
         ended = defaultdict(int)  # task -> its units that have finished (for releasing its state)

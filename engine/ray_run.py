@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import MergeError
-from .executor import Executor
+from .executor import Executor, pin_threads
 from .journal import Journal
 from .memory import RssSampler, current_rss, trim_heap, tune_allocator
 from .ray_cluster import WORKER_ENV, RayPlan, RecipeArgs, _get, _remote, ray
@@ -126,6 +126,7 @@ def run_partition(args: RecipeArgs, expected: Partition, out_dir: str, ledger) -
     finished = {(t, a, b): crc for t, a, b, crc in ray.get(ledger.attempt.remote(shard))}
     writer = ShardFileWriter(prepared.layout, Path(out_dir), shard)
     writer.open()
+    pin_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))  # the CPUs Ray gave it
     gc.collect()  # a reused worker may still hold an earlier task's plan in reference cycles
     trim_heap()
     tune_allocator()
