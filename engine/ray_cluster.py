@@ -9,7 +9,8 @@ Invariants:
 - The plan the driver shows is the plan every task runs: tasks rebuild it with `prepare` from
   the same absolute recipe path, options and working directory (`RecipeArgs`), every node's
   probe compares its plan's fingerprint (engine, recipe, inputs' headers, layout) with the
-  driver's, and tasks receive the driver's schedule rather than making their own.
+  driver's, and a task schedules with the driver's budget and measured baseline (make_schedule
+  is deterministic) and refuses to run if its partition differs from the one it was sent.
 - Memory requests start from a measured baseline: the RSS of a Ray worker (on each node) that
   has imported torch and the engine and built the plan; the largest one is the schedule's baseline.
 - Nothing is scheduled that could stay pending forever: a node without a CPU is not counted,

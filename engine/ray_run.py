@@ -18,6 +18,10 @@ Invariants:
   dies loses only what it had not journaled: the same command resumes from the journal.
 - Bytes do not depend on the cluster: every chunk's bytes depend only on the recipe, inputs,
   seed and schedule, which every task takes from the driver (engine/ray_cluster.py).
+- A task's process starts where its memory request assumed: the worker's allocator is set up
+  from its start (ray_cluster.WORKER_ENV), an earlier task's garbage is collected and the heap
+  trimmed first, and torch uses the CPUs Ray assigned. (While a task waits on the ledger, Ray
+  lends its CPU to another queued task; memory requests stay held, so a node's memory holds.)
 """
 
 from __future__ import annotations
