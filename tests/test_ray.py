@@ -194,12 +194,17 @@ def test_a_node_local_output_folder_is_refused(tmp_path, tiny_models, cluster, m
     assert not (tmp_path / "out").exists()
 
 
-def find_writer(out: Path, layout) -> tuple[int, str] | None:
-    """A Ray worker writing a shard of `out` some of whose chunks are already in the journal."""
+def find_writer(out: Path, layout, shard: str) -> int | None:
+    """The Ray worker writing `shard` of `out`, once some of its chunks are in the journal."""
     import psutil
 
-    with sqlite3.connect(out / ".mergeng" / "journal.sqlite") as db:
-        recorded = {layout.shard_of[t].file_name for (t,) in db.execute("SELECT tensor FROM chunks")}
+    try:
+        with sqlite3.connect(out / ".mergeng" / "journal.sqlite") as db:
+            recorded = {layout.shard_of[t].file_name for (t,) in db.execute("SELECT tensor FROM chunks")}
+    except sqlite3.OperationalError:  # the driver is still creating the journal
+        return None
+    if shard not in recorded:
+        return None
     for proc in psutil.process_iter(["cmdline"]):
         if not any("ray::" in part for part in proc.info["cmdline"] or []):
             continue
@@ -207,9 +212,8 @@ def find_writer(out: Path, layout) -> tuple[int, str] | None:
             files = [Path(f.path) for f in proc.open_files()]
         except psutil.Error:
             continue
-        for f in files:
-            if f.parent == out and f.name.endswith(".partial") and f.name.removesuffix(".partial") in recorded:
-                return proc.pid, f.name.removesuffix(".partial")
+        if out / f"{shard}.partial" in files:
+            return proc.pid
     return None
 
 
@@ -226,19 +230,21 @@ def test_worker_killed_mid_task_is_retried_and_redoes_only_unrecorded_chunks(tmp
     run_ok(recipe, "-o", tmp_path / "local", "--shard-size", "20M")
     out = tmp_path / "ray"
     ray_plan = plan_on_ray(recipe, None, 20_000_000, 1, 256 << 10, address=cluster, out_dir=out)
+    target = max(ray_plan.partitions, key=lambda p: len(p.units)).shard  # the longest task: killed well before its end
     outcome = {}
     driver = threading.Thread(target=lambda: outcome.update(profile=run_on_ray(ray_plan, out)))
     driver.start()
     victim, deadline = None, time.monotonic() + 60
     while victim is None and driver.is_alive() and time.monotonic() < deadline:
-        victim = find_writer(out, ray_plan.prepared.layout) if (out / ".mergeng" / "journal.sqlite").exists() else None
+        journal = out / ".mergeng" / "journal.sqlite"
+        victim = find_writer(out, ray_plan.prepared.layout, target) if journal.exists() else None
         time.sleep(0.05)
     assert victim is not None, "no task was caught mid-shard"
-    os.kill(victim[0], signal.SIGKILL)
+    os.kill(victim, signal.SIGKILL)
     driver.join(120)
     assert not driver.is_alive() and "profile" in outcome
     assert output_files(out) == output_files(tmp_path / "local")
-    killed = next(p for p in outcome["profile"]["partitions"] if p["shard"] == victim[1])
+    killed = next(p for p in outcome["profile"]["partitions"] if p["shard"] == target)
     assert killed["attempts"] == 2, killed
     assert 0 < killed["units_run"] < killed["units_total"], killed  # the retry skipped what was recorded
 
