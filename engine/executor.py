@@ -52,15 +52,17 @@ PREFETCH_UNITS = 2  # read-ahead hint this many units ahead of the one starting
 class Admission:
     """In-order admission of units under the work budget, guarded by the measured RSS.
 
-    `admit` waits for the unit's turn and then, unless nothing is running (so work always
-    moves), until its declared bytes fit the work budget and the measured RSS leaves room for
-    them under the RSS limit. Declared bytes of admitted units that have not read their inputs
-    yet are added to the measured RSS, since they are not in it yet."""
+    `admit` waits for the unit's turn and then, unless no unit is running (so work always
+    moves: a held statistics state alone is not running, and waiting on it would wait on
+    ourselves), until its declared bytes fit the work budget and the measured RSS leaves room
+    for them under the RSS limit. Declared bytes of admitted units that have not read their
+    inputs yet are added to the measured RSS, since they are not in it yet."""
 
     def __init__(self, work_budget: int, rss_limit: int):
         self.work_budget = work_budget
         self.rss_limit = rss_limit
-        self.live_bytes = 0
+        self.live_bytes = 0  # declared bytes of running units and of held statistics states
+        self.running = 0  # units admitted and not yet released
         self.unloaded_bytes = 0
         self.rss_waits = 0  # admissions the RSS guard delayed (profile.json)
         self._gauge = RssGauge()
@@ -71,7 +73,7 @@ class Admission:
     def admit(self, ticket: int, nbytes: int, stopping: threading.Event) -> bool:
         with self._cond:
             delayed = False
-            while not stopping.is_set() and (self._turn != ticket or (self.live_bytes and not self._fits(nbytes))):
+            while not stopping.is_set() and (self._turn != ticket or (self.running and not self._fits(nbytes))):
                 if self._turn == ticket and self.live_bytes + nbytes <= self.work_budget:
                     delayed = True  # declared bytes fit; the measured RSS does not
                     self._trim()
@@ -79,6 +81,9 @@ class Admission:
             if stopping.is_set():
                 return False
             self.rss_waits += delayed
+            if not self.running and not self._fits(nbytes):
+                trim_heap()  # nothing runs that could free memory: return the freed heap, then go on
+            self.running += 1
             self.live_bytes += nbytes
             self.unloaded_bytes += nbytes
             self._turn += 1
@@ -101,9 +106,11 @@ class Admission:
         with self._cond:
             self.unloaded_bytes -= nbytes
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, unit: bool = True) -> None:
+        """A unit has ended (`unit`), or a held statistics state is dropped (not `unit`)."""
         with self._cond:
             self.live_bytes -= nbytes
+            self.running -= unit
             self._cond.notify_all()
 
 
@@ -251,7 +258,7 @@ class Executor:
             if isinstance(info.patch, ComputedRows):
                 info.patch.release()  # e.g. an intermediate's statistics, held across this tensor's units
         if self.schedule.state_bytes[unit.task]:
-            admission.release(self.schedule.state_bytes[unit.task])
+            admission.release(self.schedule.state_bytes[unit.task], unit=False)
 
     def _drain(self, pending: list) -> None:
         while True:

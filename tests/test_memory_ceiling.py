@@ -138,3 +138,22 @@ def test_admission_waits_while_measured_rss_leaves_no_room():
     admission.release(1 << 20)  # the running unit ends: nothing runs, so the next one may start
     assert admitted.wait(2)
     assert admission.rss_waits == 1
+
+
+def test_a_held_statistics_state_alone_does_not_stall_admission():
+    """Only a chunked tensor's statistics state is held (its previous unit has ended) and the RSS
+    sits above the limit: nothing running could free memory, so the next unit of that tensor
+    must start at once. (Waiting here stalled a resumed TIES run for minutes.)"""
+    admission = Admission(work_budget=1 << 40, rss_limit=current_rss() - (1 << 20))
+    stopping = threading.Event()
+    state, unit = 4 << 20, 1 << 20
+    assert admission.admit(0, unit + state, stopping)  # first unit of the tensor: its own bytes + the state
+    admission.loaded(unit + state)
+    admission.release(unit)  # the unit ends; the state stays held until the tensor's last unit
+    admitted = threading.Event()
+    threading.Thread(target=lambda: admission.admit(1, unit, stopping) and admitted.set(), daemon=True).start()
+    try:
+        assert admitted.wait(2), "the next unit waited on a held state that only it can release"
+    finally:
+        stopping.set()
+    assert admission.live_bytes == state + unit
