@@ -80,3 +80,19 @@ def test_html_plan_is_one_page_with_the_predicted_and_measured_memory(tmp_path, 
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
     assert "<svg" in page and "predicted" in page and "measured peak" in page
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # self-contained
+
+
+def test_estimated_time_grows_with_the_number_of_units(tmp_path, tiny_models):
+    """Cutting the same merge into thousands of row chunks costs time per unit (dispatch, reads,
+    statistics bookkeeping): the estimate must say so, not promise the whole-tensor time."""
+    from mergeng.engine.run import prepare
+    from mergeng.engine.timeline import UNIT_SECONDS, Speeds, simulate
+
+    recipe = write_recipe(tmp_path, "merge_method: ties\nbase_model: {base}\nmodels:\n"
+                          "  - {{model: {a}, parameters: {{weight: 1, density: 0.5}}}}\n".format(**tiny_models))
+    fast = Speeds(disk_bytes_per_s=1e15, compute_elements_per_s=1e15)
+    whole, cut = prepare(recipe, 1 << 30), prepare(recipe, 1 << 30, max_unit_bytes=4096)
+    assert len(cut.schedule.units) > 10 * len(whole.schedule.units)
+    _, t_whole = simulate(whole.plan.tasks, whole.schedule, fast)
+    _, t_cut = simulate(cut.plan.tasks, cut.schedule, fast)
+    assert t_cut >= len(cut.schedule.units) * UNIT_SECONDS / cut.schedule.workers > 5 * t_whole
