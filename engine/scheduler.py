@@ -18,7 +18,10 @@ What the order optimises, highest priority first (each rule is a line of `make_s
    (file, byte offset): every input shard is read once, front to back, so read-ahead works and
    the page cache is not thrashed. Within a tensor: pass by pass, rows ascending.
 4. Recompute rather than store. A multi-stage intermediate is computed again by every unit that
-   reads it (its cost is in that unit's bytes); nothing intermediate reaches the disk.
+   reads it (its cost is in that unit's bytes); nothing intermediate reaches the disk. Exception
+   (_choose_held_intermediates): read by a row-chunked tensor, it is held whole from that
+   tensor's first unit to its last (bytes in the tensor's state) when it fits a quarter of a
+   worker's share, so its statistics and rows are computed once instead of per chunk and pass.
 Not optimised: parallelism beyond `workers` in-order units (admission is strictly in schedule
 order, so a unit never waits on one that was not admitted: no deadlock).
 
