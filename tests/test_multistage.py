@@ -295,3 +295,21 @@ def test_python_api_takes_a_multi_stage_recipe_as_text_or_a_list_of_dicts(tmp_pa
     assert [s["name"] for s in mergeng.plan(text, ram="1G").plan.stages] == ["blend", None]
     a, b = load_tensors(tmp_path / "from_text"), load_tensors(tmp_path / "from_list")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_header_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    """A run killed with -9 cannot remove its stage-header folder (no atexit); the next run removes
+    the folders whose process is gone, and never a live process's."""
+    from mergeng.engine.builders.stages import HEADER_PREFIX, remove_abandoned_header_folders
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folders = {name: tmp_path / f"{HEADER_PREFIX}{pid}-x1y2" for name, pid in
+               (("dead", dead.stdout.strip()), ("live", os.getppid()), ("old-style", "ab_c9"))}
+    for folder in folders.values():
+        (folder / "blend-q").mkdir(parents=True)
+    (tmp_path / "unrelated-123-x").mkdir()
+    remove_abandoned_header_folders(str(tmp_path))  # all of them are younger than a day
+    assert all(f.exists() for f in folders.values())
+    remove_abandoned_header_folders(str(tmp_path), older_than_s=-1)
+    assert not folders["dead"].exists()
+    assert folders["live"].exists() and folders["old-style"].exists() and (tmp_path / "unrelated-123-x").exists()

@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import yaml
 
@@ -268,13 +271,37 @@ def is_header_folder(path: Path) -> bool:
     return _header_root is not None and Path(path).resolve().is_relative_to(_header_root.resolve())
 
 
+HEADER_PREFIX = "mergeng-stages-"
+
+
 def header_folder(name: str) -> Path:
-    """A fresh folder for one stage's non-weight files, removed when the process exits."""
+    """A fresh folder for one stage's non-weight files, removed when the process exits. The root is
+    named after this process's id, so one left by a killed run (kill -9, a Ray worker stopped
+    with its cluster: no atexit) is removed by the next run that finds its process gone."""
     global _header_root
     if _header_root is None:
-        _header_root = Path(tempfile.mkdtemp(prefix="mergeng-stages-"))
+        remove_abandoned_header_folders()
+        _header_root = Path(tempfile.mkdtemp(prefix=f"{HEADER_PREFIX}{os.getpid()}-"))
         atexit.register(shutil.rmtree, _header_root, True)
     return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=_header_root))
+
+
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def remove_abandoned_header_folders(tmp: str | None = None, older_than_s: float = ABANDONED_AFTER_S) -> None:
+    """Remove header folders over a day old whose process no longer exists (or has this process's
+    id: it was an earlier process's, since this one has not made its own yet). The age keeps a live
+    run safe where /tmp is shared by machines or containers that see other process ids."""
+    now = time.time()
+    for folder in Path(tmp or tempfile.gettempdir()).glob(f"{HEADER_PREFIX}*-*"):
+        pid = folder.name[len(HEADER_PREFIX):].partition("-")[0]
+        try:
+            old = now - folder.stat().st_mtime > older_than_s
+        except OSError:
+            continue
+        if pid.isdigit() and old and (int(pid) == os.getpid() or not psutil.pid_exists(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def plan_stages(stages: list[Stage], recipe_dir: Path | None, build, on_disk: dict[str, Path] | None = None) -> MergePlan:
