@@ -82,7 +82,7 @@ class Admission:
                 return False
             self.rss_waits += delayed
             if not self.running and not self._fits(nbytes):
-                trim_heap()  # nothing runs that could free memory: return the freed heap, then go on
+                self._trim()  # nothing runs that could free memory: return the freed heap, then go on
             self.running += 1
             self.live_bytes += nbytes
             self.unloaded_bytes += nbytes
@@ -106,11 +106,17 @@ class Admission:
         with self._cond:
             self.unloaded_bytes -= nbytes
 
-    def release(self, nbytes: int, unit: bool = True) -> None:
-        """A unit has ended (`unit`), or a held statistics state is dropped (not `unit`)."""
+    def release(self, nbytes: int) -> None:
+        """A unit has ended."""
         with self._cond:
             self.live_bytes -= nbytes
-            self.running -= unit
+            self.running -= 1
+            self._cond.notify_all()
+
+    def drop_state(self, nbytes: int) -> None:
+        """A chunked tensor's statistics state, held since its first unit, is dropped."""
+        with self._cond:
+            self.live_bytes -= nbytes
             self._cond.notify_all()
 
 
@@ -258,7 +264,7 @@ class Executor:
             if isinstance(info.patch, ComputedRows):
                 info.patch.release()  # e.g. an intermediate's statistics, held across this tensor's units
         if self.schedule.state_bytes[unit.task]:
-            admission.release(self.schedule.state_bytes[unit.task], unit=False)
+            admission.drop_state(self.schedule.state_bytes[unit.task])
 
     def _drain(self, pending: list) -> None:
         while True:

@@ -55,7 +55,7 @@ def check_with_transformers(config: dict, warnings: list[str]) -> None:
     model_type = config.get("model_type")
     try:
         import transformers
-    except ImportError:
+    except ImportError:  # optional ([test], [moe], [tokenizers] extras): without it, no check
         return
     try:
         transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})

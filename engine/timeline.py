@@ -1,8 +1,8 @@
 """Predicted memory over time and run time, by replaying the schedule with measured speeds.
 
-Each unit takes (bytes read / disk speed + elements / compute speed + UNIT_SECONDS); `workers` units run at
-once, admitted in order under the work budget exactly as the executor admits them. The live
-bytes of running units, plus baseline and reserve, give the predicted RSS timeline that
+Each unit takes (bytes read / disk speed + elements / compute speed + UNIT_SECONDS); `workers`
+units run at once, admitted in order under the work budget exactly as the executor admits them.
+The live bytes of running units, plus baseline and reserve, give the predicted RSS timeline that
 `plan --format html` draws (and overlays with a run's measured profile).
 """
 
