@@ -6,7 +6,7 @@ one-line message naming what to fix. The CLI prints it in red and exits 2 (bad i
 
 It lives at the package root, beside nothing else, so that methods/ and architectures/ can
 raise it without depending on engine/. Invariant: this module imports nothing of mergeng;
-engine/errors.py re-exports the same class (one class, so one `except MergeError` catches all).
+errors.py re-exports the same class (one class, so one `except MergeError` catches all).
 """
 
 

@@ -4,7 +4,7 @@
 What it measures, and why this way:
 
 * Inputs: three Llama-shaped bf16 models of ~1B parameters (~2 GB each; variant k = base +
-  seeded noise), built once by `mergeng.engine.tiny_models.make_llama` and cached under
+  seeded noise), built once by `mergeng.cli.tiny_models.make_llama` and cached under
   `.bench/models/` (repo-relative, gitignored). Each is built in a child process.
 * Tools: `mergeng run RECIPE -o OUT --ram R` and `mergekit-yaml RECIPE OUT --lazy-unpickle`
   (mergekit lives in its own venv; path from --mergekit, $MERGEKIT_YAML or
@@ -54,7 +54,7 @@ BENCH = ROOT / ".bench"
 MODELS = [BENCH / "models" / f"llama1b-v{k}" for k in range(3)]
 GIB = 2**30
 
-BUILD = ("import sys; from mergeng.engine.tiny_models import make_llama, BENCH_1B; "
+BUILD = ("import sys; from mergeng.cli.tiny_models import make_llama, BENCH_1B; "
          "make_llama(sys.argv[1], BENCH_1B, variant=int(sys.argv[2]), dtype='bfloat16', shard_size=2*10**9)")
 
 # Runs argv[2:], then sync(); writes wall time and the children's peak RSS to argv[1] as JSON.

@@ -20,7 +20,7 @@ from typing import Optional
 
 import typer
 
-from ..engine.errors import MergeError
+from ..errors import MergeError
 from . import mergekit_options as mk
 from .console import console, fail, out
 from .execute import execute, run_recipe
@@ -133,7 +133,7 @@ def plan(
     try:
         ray_plan = None
         if executor_name(executor, address) == "ray":  # partitions and memory requests from the cluster's nodes
-            from ..engine.ray_cluster import plan_on_ray
+            from ..engine.cluster.plan import plan_on_ray
 
             ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
                                    address=address, strict=strict, truncate_vocab=truncate_vocab)
@@ -169,7 +169,7 @@ def verify(
 
     Example: mergeng verify merged/my-model
     """
-    from ..engine.verify import verify_output
+    from ..engine.output.verify import verify_output
 
     try:
         checked = verify_output(out_dir)
@@ -193,7 +193,7 @@ def fill_missing(
     Example: mergeng fill-missing --donor llava-base --part my-llama-finetune -o llava-finetuned
     """
     from ..engine.builders.fill_missing import build_fill_missing_plan, fill_missing_recipe_text
-    from ..engine.run import prepare_plan
+    from ..engine.execute.prepared import prepare_plan
 
     try:
         plan = build_fill_missing_plan(donor, part)
@@ -234,8 +234,8 @@ def demo(
     Example: mergeng demo --dir /tmp/mergeng-demo
     """
     from ..engine.run import prepare
-    from ..engine.source import ModelSource
-    from ..engine.tiny_models import EXAMPLE_MODELS
+    from ..engine.inputs.source import ModelSource
+    from .tiny_models import EXAMPLE_MODELS
 
     try:
         recipes = {"demo.yml": _example_recipes()["demo.yml"]}
@@ -268,7 +268,7 @@ def examples(
 
     Example: mergeng examples /tmp/ex && cd /tmp/ex && mergeng run ties.yml merged/ties
     """
-    from ..engine.tiny_models import EXAMPLE_MODELS
+    from .tiny_models import EXAMPLE_MODELS
 
     try:
         recipes = _example_recipes()

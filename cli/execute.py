@@ -46,8 +46,8 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
             if intermediate_dir is not None:
                 raise MergeError("--intermediate-dir runs the stages one after another here; drop it with --executor ray "
                                  "(stages are computed in memory inside each task)")
-            from ..engine.ray_cluster import plan_on_ray
-            from ..engine.ray_run import RayUnits
+            from ..engine.cluster.plan import plan_on_ray
+            from ..engine.cluster.run import RayUnits
 
             ray_plan = plan_on_ray(recipe, *sizes, address=address, out_dir=target, **options)
             if verbose:
@@ -88,8 +88,8 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
 
     `earlier_peak`: RSS peak of work the command did before the merge (e.g. computing MoE routers).
     `quiet`: warnings only (no progress bar, no summary line). `run_units`: run_merge's (a Ray cluster)."""
-    from ..engine.journal import STATE_DIR
-    from ..engine.memory import format_size
+    from ..engine.output.journal import STATE_DIR
+    from ..engine.schedule.memory import format_size
     from ..engine.run import run_merge
     from .progress import MergeProgress
 
@@ -110,7 +110,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     resumed = " (resumed)" if profile["resumed"] else ""
     peak = max(profile["peak_rss_bytes"], earlier_peak)
     warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {target / STATE_DIR / 'report.json'}" if warnings else ""
-    if "nodes" in profile:  # a Ray cluster (engine/ray_run.py): the tasks' peaks per node
+    if "nodes" in profile:  # a Ray cluster (engine/cluster/run.py): the tasks' peaks per node
         nodes = ", ".join(f"{format_size(n['peak_rss_bytes'])} on {label}" for label, n in profile["nodes"].items() if n["tasks"])
         console.print(f"[green]{done}[/green] into {target}{resumed} by {len(profile['partitions'])} Ray task(s): peak RSS "
                       f"{nodes or 'none'}{warned}", highlight=False, soft_wrap=True)

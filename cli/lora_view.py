@@ -12,7 +12,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Column, Table
 
-from ..engine.lora import lora_summary
+from ..engine.inputs.lora import lora_summary
 
 
 def render_lora(plan, console: Console) -> None:

@@ -1,7 +1,7 @@
 """mergekit-yaml's command-line options declared for `mergeng run`: typer options only.
 
 What each option means here (accepted, a no-op with a note, or refused for asking for a GPU),
-the size notation and the README's table live in engine/mergekit_options.py, which the Python
+the size notation and the README's table live in engine/recipe/mergekit_flags.py, which the Python
 API shares; this module only puts them on the command line.
 """
 
@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from ..engine.mergekit_options import MergekitFlags, parse_shard_size  # noqa: F401  (used by cli/app.py)
+from ..engine.recipe.mergekit_flags import MergekitFlags, parse_shard_size  # noqa: F401  (used by cli/app.py)
 
 PANEL = "mergekit-yaml options"
 
@@ -46,7 +46,7 @@ LoraMergeDtypeOption = typer.Option(None, "--lora-merge-dtype", help="No effect:
 
 def set_num_threads(n: Optional[int]) -> None:
     """mergekit's --num-threads: torch's intra-op CPU threads (default: the cores shared among --workers)."""
-    from ..engine.executor import pin_threads
+    from ..engine.execute.executor import pin_threads
 
     pin_threads(n)
     if n is not None:

@@ -46,8 +46,8 @@ def moe(
 def _refuse_output_over_inputs(config: Path, out_dir: Path) -> None:
     """The output must not be, hold or sit inside a model folder of the config (nothing is written yet)."""
     from ..engine.builders.moe import parse_moe_config
-    from ..engine.paths import resolve_model_path
-    from ..engine.run import refuse_unsafe_output
+    from ..engine.inputs.paths import resolve_model_path
+    from ..engine.output.folder import refuse_unsafe_output
 
     if not config.is_file():
         return  # prepare_moe says so in its words

@@ -28,7 +28,7 @@ AddressOption = typer.Option(None, "--address", help="With --executor ray: the c
 
 def executor_name(executor: str, address: Optional[str]) -> str:
     """--executor checked: local or ray; --address only with ray."""
-    from ..engine.errors import MergeError
+    from ..errors import MergeError
 
     if executor not in ("local", "ray"):
         raise MergeError(f"--executor: unknown executor '{executor}' (local, ray)")
@@ -39,15 +39,15 @@ def executor_name(executor: str, address: Optional[str]) -> str:
 
 def ram_budget(ram: Optional[str]) -> Optional[int]:
     """--ram in bytes (binary units), or None for the default budget."""
-    from ..engine.memory import parse_size
+    from ..engine.schedule.memory import parse_size
 
     return parse_size(ram) if ram else None
 
 
 def max_unit_bytes(text: Optional[str]) -> int:
     """--max-unit in bytes, or the scheduler's default."""
-    from ..engine.memory import parse_size
-    from ..engine.scheduler import MAX_UNIT_BYTES
+    from ..engine.schedule.memory import parse_size
+    from ..engine.schedule.scheduler import MAX_UNIT_BYTES
 
     return parse_size(text, "--max-unit") if text else MAX_UNIT_BYTES
 

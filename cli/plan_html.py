@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 from ..engine.graph import build_graph
-from ..engine.journal import STATE_DIR
-from ..engine.memory import format_size
-from ..engine.run import Prepared
+from ..engine.output.journal import STATE_DIR
+from ..engine.schedule.memory import format_size
+from ..engine.execute.prepared import Prepared
 from .plan_view import node_text
 
 WIDTH, HEIGHT, PAD = 760, 260, 48

@@ -11,11 +11,11 @@ from rich.table import Table
 from ..architectures.alignment import summarize
 from ..architectures.layout import find_layer_stacks, parse_layer_name
 from ..engine.graph import build_graph
-from ..engine.lora import lora_summary
-from ..engine.memory import format_size
-from ..engine.output_config import config_changes
-from ..engine.run import Prepared
-from ..engine.scheduler import read_bytes
+from ..engine.inputs.lora import lora_summary
+from ..engine.schedule.memory import format_size
+from ..engine.plan.output_config import config_changes
+from ..engine.execute.prepared import Prepared
+from ..engine.schedule.scheduler import read_bytes
 from ..engine.builders.stages import computations, held_intermediates, leaf_sources
 from .lora_view import render_lora
 
@@ -68,7 +68,7 @@ def _vocabulary_summary(plan) -> dict | None:
 
 def with_estimate(prepared: Prepared, summary: dict) -> tuple[dict, list]:
     """Add the estimated run time (from a quick speed probe) and return the predicted timeline."""
-    from ..engine.timeline import measure_speeds, simulate
+    from ..engine.schedule.timeline import measure_speeds, simulate
 
     first = next(f for src in leaf_sources(prepared.plan.sources).values() for f in src.files)
     points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first)))
@@ -201,7 +201,7 @@ def ray_summary(ray_plan) -> dict:
 
 def render_partitions(ray_plan, console: Console, shown: int = 20) -> None:
     """--executor ray: one row per Ray task (an output shard) with its memory request and bytes."""
-    from ..engine.ray_partitions import describe_nodes
+    from ..engine.cluster.partitions import describe_nodes
 
     table = Table("task", "shard", "tensors", "units", "memory", "reads", "writes",
                   title="Ray tasks: one per output shard, 1 CPU and its memory request each", title_justify="left")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import MergeError
+from ..errors import MergeError
 
 ALIASES = {"out_shard_size": "shard_size", "random_seed": "seed", "unsafe_truncate_embeddings": "truncate_vocab"}
 PLAN_OPTIONS = {"shard_size", "workers", "max_unit", "seed", "strict", "truncate_vocab", "allow_crimes"}
@@ -41,11 +41,11 @@ def merge(recipe: str | Path | dict, out: str | Path, ram: int | str | None = No
 
 
 def _prepare(recipe, ram, options: dict, allowed: set[str]):
-    from .mergekit_options import MergekitFlags, parse_shard_size
-    from .memory import parse_size
+    from .recipe.mergekit_flags import MergekitFlags, parse_shard_size
+    from .schedule.memory import parse_size
     from .run import prepare_recipe, prepare_stages
-    from .scheduler import MAX_UNIT_BYTES
-    from .writer import DEFAULT_SHARD_SIZE
+    from .schedule.scheduler import MAX_UNIT_BYTES
+    from .output.writer import DEFAULT_SHARD_SIZE
 
     given: dict[str, Any] = {}
     flags = {}
@@ -75,7 +75,7 @@ def load_recipe_input(recipe: str | Path | dict | list):
     """(Recipe, or a multi-stage recipe's stages; its YAML text; the folder model paths are relative to first)."""
     import yaml
 
-    from .recipe import parse_recipe
+    from .recipe.load import parse_recipe
     from .builders.stages import is_multi_stage, read_stages
 
     folder = None

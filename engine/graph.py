@@ -37,9 +37,9 @@ from collections import defaultdict
 import networkx as nx
 
 from ..architectures.layout import find_layer_stacks, parse_layer_name
-from .merge_plan import TensorTask
-from .scheduler import statistics_passes
-from .source import ComputedRows, TensorInfo, disk_row_bytes
+from .plan.merge_plan import TensorTask
+from .schedule.scheduler import statistics_passes
+from .inputs.source import ComputedRows, TensorInfo, disk_row_bytes
 from .builders.stages import StageRows
 
 MAX_LAYER_NODES = 40  # up to this many output layers: one node per layer

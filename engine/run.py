@@ -18,35 +18,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shutil
-import sqlite3
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..version import __version__
-from .architecture_mix import refuse_mixed_architectures
-from .errors import MergeError
-from .executor import Executor
-from .journal import STATE_DIR, Journal, covered_rows
-from .memory import RssSampler, current_rss, default_budget, tune_allocator, trim_heap
-from .merge_plan import MergePlan, build_plan, open_sources
-from .output_files import OUTPUT_FILES, TOKENIZER_FILES, tokenizer_donor, write_output_files
-from .recipe import Recipe, load_recipe
-from .scheduler import MAX_UNIT_BYTES, Schedule, make_schedule, require_feasible
-from .source import file_stamp
+from .inputs.architecture_mix import refuse_mixed_architectures
+from ..errors import MergeError
+from .execute.executor import Executor
+from .output.journal import STATE_DIR, Journal, covered_rows
+from .schedule.memory import RssSampler, tune_allocator
+from .plan.merge_plan import MergePlan, build_plan, open_sources
+from .output.files import tokenizer_donor, write_output_files
+from .recipe.load import Recipe, load_recipe
+from .schedule.scheduler import MAX_UNIT_BYTES, require_feasible
+from .inputs.source import file_stamp
 from .builders.stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
-from .writer import DEFAULT_SHARD_SIZE, ShardLayout, ShardWriter
-
-
-@dataclass
-class Prepared:
-    plan: MergePlan
-    schedule: Schedule
-    layout: ShardLayout
-    recipe_text: str
+from .output.writer import DEFAULT_SHARD_SIZE, ShardWriter
+from .output.folder import clear_previous_output, output_errors, refuse_unsafe_output
+from .execute.prepared import Prepared, prepare_plan
 
 
 def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2,
@@ -54,7 +44,7 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
             truncate_vocab: bool = False, allow_crimes: bool = False) -> Prepared:
     """Recipe file -> validated plan -> schedule. `seed` overrides the recipe's `seed:`; `strict`
     turns every warning into an error; `truncate_vocab` allows vocabularies of different sizes;
-    `allow_crimes` allows models of different architectures (engine/architecture_mix.py)."""
+    `allow_crimes` allows models of different architectures (engine/inputs/architecture_mix.py)."""
     recipe_path = Path(recipe_path)
     if recipe_path.is_dir():
         raise MergeError(f"recipe {recipe_path} is a folder; give the path of the recipe's YAML file")
@@ -136,20 +126,6 @@ def refuse_warnings(plan: MergePlan) -> None:
     if plan.warnings:
         more = f" (and {len(plan.warnings) - 1} more warning(s))" if len(plan.warnings) > 1 else ""
         raise MergeError(f"{plan.warnings[0]}{more}; --strict makes warnings errors")
-
-
-def prepare_plan(plan: MergePlan, recipe_text: str, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
-                 workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES) -> Prepared:
-    """Schedule an already built plan (commands that make their own plans: moe, fill-missing)."""
-    if workers < 1:
-        raise MergeError(f"--workers: must be 1 or more, got {workers}")
-    if shard_size < 1:
-        raise MergeError(f"--shard-size: must be positive, got {shard_size} bytes")
-    layout = ShardLayout([t.output for t in plan.tasks], shard_size)
-    trim_heap()
-    baseline = current_rss()
-    schedule = make_schedule(plan.tasks, budget or default_budget(), baseline, workers, max_unit_bytes)
-    return Prepared(plan, schedule, layout, recipe_text)
 
 
 def fingerprint(prepared: Prepared) -> dict:
@@ -245,7 +221,7 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
     `copy_tokenizer=False` leaves the tokenizer out of the output, `write_model_card=False` its README.md
     (mergekit's --no-copy-tokenizer and --no-write-model-card). `run_units` computes and writes the
     units that `finished` does not cover (default: this process's executor, `run_units_here`; a Ray
-    cluster: engine/ray_run.py); its figures go into profile.json."""
+    cluster: engine/cluster/run.py); its figures go into profile.json."""
     out_dir = Path(out_dir)
     require_feasible(prepared.schedule)
     tokenizer_donor(prepared.plan)  # a bad tokenizer_source fails here, not after the merge
@@ -303,7 +279,7 @@ RunUnits = Callable[[Prepared, ShardWriter, Journal, dict, Callable[[int], None]
 
 def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, finished: dict,
                    on_progress: Callable[[int], None] | None) -> dict:
-    """Run the unfinished units in this process: worker threads under the budget (engine/executor.py)."""
+    """Run the unfinished units in this process: worker threads under the budget (engine/execute/executor.py)."""
     tune_allocator()
     executor = Executor(prepared.plan.tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress)
     executor.run(finished)
@@ -336,64 +312,16 @@ def input_folders(prepared: Prepared) -> dict[str, Path]:
     return folders
 
 
-def refuse_unsafe_output(out_dir: Path, inputs: dict[str, Path]) -> None:
-    """Refuse, before anything is written or deleted, an output that is a file, cannot be a
-    folder, overlaps a folder the merge reads, or is a non-empty folder of something else."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MergeError(f"output folder {out_dir} is an existing file; choose another --out")
-    parent = next((p for p in out_dir.absolute().parents if p.exists()), None)
-    if not out_dir.exists() and parent is not None and not parent.is_dir():
-        raise MergeError(f"cannot create output folder {out_dir}: {parent} is a file; choose another --out")
-    out = out_dir.resolve()
-    state = out / STATE_DIR
-    for what, folder in inputs.items():
-        folder = Path(folder).resolve()
-        if folder == state or state in folder.parents:
-            continue  # the engine's own state (MoE routers), not a user's model
-        relation = "is" if folder == out else "contains" if out in folder.parents else "is inside" if folder in out.parents else None
-        if relation:
-            raise MergeError(f"output folder {out_dir} {relation} the folder of {what} ({folder}), which the merge reads; "
-                             "choose an --out outside the input folders")
-    _refuse_foreign_folder(out_dir)
+def run_moe(config_path: str | Path, out_dir: str | Path, budget: int | None = None, seed: int = 0, **options) -> dict:
+    """Build and run in one call (tests, scripts); returns run_merge's profile plus the gate phase's peak."""
+    from .builders.moe import prepare_moe
 
-
-def _refuse_foreign_folder(out_dir: Path) -> None:
-    """Never write into a non-empty folder that is not a mergeng output."""
-    with output_errors(out_dir):
-        foreign = out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / STATE_DIR).exists()
-    if foreign:
-        raise MergeError(f"output folder {out_dir} is not empty and holds no mergeng run; choose another --out")
-
-
-@contextmanager
-def output_errors(out_dir: Path, exit_code: int = 2) -> Iterator[None]:
-    """The OS refusing the output folder (read-only, permissions, a file in the path) is one line."""
-    try:
-        yield
-    except (OSError, sqlite3.Error) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) != str(out_dir) else ""
-        raise MergeError(f"cannot write to output folder {out_dir}: {reason}{where}; check its permissions or choose another --out",
-                         exit_code=exit_code) from None
-
-
-def clear_previous_output(out_dir: Path) -> None:
-    """--fresh: remove what an earlier mergeng run wrote here (only in a mergeng output folder).
-
-    Outputs go first and the state folder last (the journal's WAL before the journal, so what
-    is left is always a consistent older journal): killed midway, the folder is still a
-    mergeng output, and the same command resumes or clears it again."""
-    state = out_dir / STATE_DIR
-    if not state.exists():
-        return
-    for p in sorted(out_dir.glob("model*.safetensors*")) + sorted(out_dir.glob("*.py")):  # *.py: custom code copied
-        p.unlink(missing_ok=True)
-    for name in TOKENIZER_FILES + OUTPUT_FILES:
-        (out_dir / name).unlink(missing_ok=True)
-    for name in ("journal.sqlite-wal", "journal.sqlite-shm", "journal.sqlite"):
-        (state / name).unlink(missing_ok=True)
-    shutil.rmtree(state)
+    fresh = options.pop("fresh", False)
+    prepared, build = prepare_moe(config_path, out_dir, budget, seed, fresh=fresh, **options)
+    profile = run_merge(prepared, out_dir)
+    profile["gate_peak_rss_bytes"] = build.gate_peak_rss
+    profile["warnings"] = build.plan.warnings
+    return profile
 
 
 def _drop_lost_shards(prepared: Prepared, out_dir: Path, journal: Journal, finished: dict) -> dict:

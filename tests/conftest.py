@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mergeng.engine.tiny_models import TINY, make_llama
+from mergeng.cli.tiny_models import TINY, make_llama
 
 
 @pytest.fixture(scope="session")

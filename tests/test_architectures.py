@@ -173,7 +173,7 @@ def test_missing_error_policy_names_the_tensor_and_model(tmp_path, vlms):
 
 
 def test_models_whose_shapes_differ_are_an_error_naming_the_tensor(tmp_path, tiny_models):
-    from mergeng.engine.tiny_models import LlamaShape, make_llama
+    from mergeng.cli.tiny_models import LlamaShape, make_llama
 
     narrow = make_llama(tmp_path / "narrow", LlamaShape(hidden_size=32, intermediate_size=128))
     result = cli("run", write_recipe(tmp_path, linear_recipe(tiny_models["base"], narrow)), "-o", tmp_path / "o")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, load_tensors
-from mergeng.engine.tiny_models import TINY, LlamaShape, make_llama
+from mergeng.cli.tiny_models import TINY, LlamaShape, make_llama
 
 RUN_ARGS = ("--max-unit", "8K", "--shard-size", "40K", "--workers", "1")
 
@@ -94,7 +94,7 @@ def test_demo_refuses_an_earlier_demo_whose_recipe_was_edited(tmp_path):
 
 
 def test_a_failed_demo_leaves_no_partial_shard(tmp_path, monkeypatch):
-    import mergeng.engine.tiny_models as tiny
+    import mergeng.cli.tiny_models as tiny
 
     real, calls = tiny._tensor, {"n": 0}
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mergeng.engine.recipe import load_recipe
+from mergeng.engine.recipe.load import load_recipe
 from mergeng.methods.registry import get_method
 
 CONFIGS = Path(__file__).parent.parent / "configs"

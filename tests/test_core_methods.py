@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from mergeng.engine.errors import MergeError
-from mergeng.engine.statistics import combine_partials
+from mergeng.errors import MergeError
+from mergeng.engine.plan.statistics import combine_partials
 from mergeng.methods.registry import MergeContext, get_method
 
 

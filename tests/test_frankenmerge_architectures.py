@@ -12,7 +12,7 @@ import pytest
 from causal_lm_models import check_frankenmerge, frankenmerge_recipe, make_causal_lm
 from helpers import cli, merge
 from mergeng.architectures.config_layers import relayer_config
-from mergeng.engine.output_config import config_changes
+from mergeng.engine.plan.output_config import config_changes
 
 ARCHITECTURES = {
     "llama": "num_hidden_layers only",
@@ -100,7 +100,7 @@ def test_plan_says_which_config_keys_a_frankenmerge_changes(tmp_path, tiny_causa
 
 
 def test_layer_kinds_set_by_arithmetic_are_restated_or_refused():
-    from mergeng.engine.errors import MergeError
+    from mergeng.errors import MergeError
 
     # deepseek-style: layers 0-2 dense; a frankenmerge of layers 0,1,2,1,2,3 has five dense layers first
     config = {"num_hidden_layers": 4, "first_k_dense_replace": 3}

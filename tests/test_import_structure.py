@@ -13,6 +13,10 @@ Layers, each importing only from those below it:
                        methods        architectures
                               \      /
               errors (MergeError), version (__version__)   -- the root's neutral modules
+
+Inside engine/, the stage packages are ordered as data flows through them (engine/__init__.py);
+a module may import only from its own stage or an earlier one:
+    recipe < inputs < plan < schedule < output < execute < builders < run, graph < cluster < api
 """
 
 from __future__ import annotations
@@ -173,3 +177,44 @@ def test_the_pipeline_imports_no_builder_but_through_its_entry_points():
                  if b.startswith("mergeng.engine.builders") and a.startswith("mergeng.engine.")
                  and not a.startswith("mergeng.engine.builders") and a not in entry)
     assert not bad, "pipeline modules importing a builder:\n" + "\n".join(bad)
+
+
+# engine/'s stages in pipeline order; a module may import its own stage or an earlier one
+STAGES = ["recipe", "inputs", "plan", "schedule", "output", "execute", "builders", ("run", "graph"), "cluster", "api"]
+STAGE_RANK = {name: rank for rank, entry in enumerate(STAGES)
+              for name in (entry if isinstance(entry, tuple) else (entry,))}
+
+
+def _stage(module: str) -> str | None:
+    """The engine stage a module belongs to (its sub-package, or run/graph/api at the top), or None."""
+    parts = module.split(".")
+    if parts[:2] != ["mergeng", "engine"] or len(parts) < 3:
+        return None
+    return parts[2]
+
+
+def test_every_engine_module_belongs_to_a_stage():
+    graph = import_graph()
+    stray = sorted(_short(m) for m in graph if _stage(m) is not None and _stage(m) not in STAGE_RANK)
+    assert not stray, "engine modules outside the stage packages: " + ", ".join(stray)
+
+
+def test_engine_imports_only_go_down_the_pipeline():
+    graph = import_graph()
+    bad = sorted(f"{_short(a)} ({_stage(a)}) -> {_short(b)} ({_stage(b)})" for a, b in graph.edges
+                 if _stage(a) in STAGE_RANK and _stage(b) in STAGE_RANK and STAGE_RANK[_stage(b)] > STAGE_RANK[_stage(a)])
+    assert not bad, "imports from a later stage into an earlier one:\n" + "\n".join(bad)
+
+
+def test_stage_order_check_can_fail():
+    """The stage test is not vacuous: an executor module importing the recipe is fine, the reverse is caught."""
+    assert STAGE_RANK[_stage("mergeng.engine.recipe.load")] < STAGE_RANK[_stage("mergeng.engine.execute.executor")]
+    assert _stage("mergeng.engine.run") == "run" and _stage("mergeng.engine") is None
+    graph = import_graph()
+    assert any(_stage(a) == "execute" and _stage(b) == "output" for a, b in graph.edges)
+
+
+def test_one_errors_module_and_no_demo_code_in_the_engine():
+    files = _source_files()
+    assert [m for m in files if m.endswith(".errors")] == ["mergeng.errors"]
+    assert not [m for m in files if m.startswith("mergeng.engine") and "tiny_models" in m]

@@ -179,8 +179,8 @@ def test_mismatched_adapter_is_a_short_error_naming_modules_and_closest_base_nam
 
 
 def test_adapter_for_the_text_model_fits_a_vlm_shaped_base(tmp_path, tiny_models, adapters):
-    from mergeng.engine.lora import open_model
-    from mergeng.engine.source import read_rows
+    from mergeng.engine.inputs.lora import open_model
+    from mergeng.engine.inputs.source import read_rows
 
     vlm = tmp_path / "vlm"
     vlm.mkdir()

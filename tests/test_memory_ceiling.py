@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeng.engine.cost_model import statistics_footprint
-from mergeng.engine.executor import Admission
-from mergeng.engine.memory import current_rss
+from mergeng.engine.schedule.cost_model import statistics_footprint
+from mergeng.engine.execute.executor import Admission
+from mergeng.engine.schedule.memory import current_rss
 from mergeng.engine.run import prepare
-from mergeng.engine.statistics import TensorStatistics
-from mergeng.engine.tiny_models import LlamaShape, make_llama
+from mergeng.engine.plan.statistics import TensorStatistics
+from mergeng.cli.tiny_models import LlamaShape, make_llama
 
 # vocab 4000 x hidden 256 (tied): the embedding is cut into hundreds of chunks at --max-unit 64K,
 # each TIES statistics pass returning two 16384-bin histograms per chunk
@@ -108,8 +108,8 @@ def test_cost_model_predicts_the_statistics_state_a_chunked_ties_tensor_holds(mo
     task = plan.tasks[i]
     assert schedule.chunk_rows[i] < task.output.rows and schedule.state_bytes[i] > 0
     # fold the real passes over the real chunks, as the executor does, and weigh the state
-    from mergeng.engine.dtypes import COMPUTE_DTYPE
-    from mergeng.engine.source import read_rows
+    from mergeng.engine.inputs.dtypes import COMPUTE_DTYPE
+    from mergeng.engine.inputs.source import read_rows
     from mergeng.methods.registry import MergeContext
 
     chunk = schedule.chunk_rows[i]

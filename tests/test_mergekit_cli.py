@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, load_tensors
-from mergeng.engine.mergekit_options import MERGEKIT_OPTIONS, parse_shard_size
-from mergeng.engine.tiny_models import TINY, make_llama
+from mergeng.engine.recipe.mergekit_flags import MERGEKIT_OPTIONS, parse_shard_size
+from mergeng.cli.tiny_models import TINY, make_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 MKVENV = Path("/work/mkvenv/bin/mergekit-yaml")
@@ -102,7 +102,7 @@ def test_models_of_different_architectures_are_refused_without_allow_crimes(tmp_
 
 
 def test_a_text_model_into_a_vlm_of_its_language_architecture_is_not_a_crime():
-    from mergeng.engine.architecture_mix import refuse_mixed_architectures
+    from mergeng.engine.inputs.architecture_mix import refuse_mixed_architectures
 
     llava = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": {"model_type": "llama"}}
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
@@ -291,7 +291,7 @@ def llava_logits(folder: Path):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from mergeng.engine.tiny_models import LLAVA_IMAGE_TOKEN
+    from mergeng.cli.tiny_models import LLAVA_IMAGE_TOKEN
 
     model, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
@@ -343,7 +343,7 @@ def test_python_merge_takes_yaml_text_or_a_dict_and_mergekit_option_names(tmp_pa
 
 def test_python_plan_returns_the_plan_without_writing(tmp_path, models):
     import mergeng
-    from mergeng.engine.errors import MergeError
+    from mergeng.errors import MergeError
 
     prepared = mergeng.plan(recipe(tmp_path, models), ram="1G")
     assert len(prepared.plan.tasks) == 39 and prepared.schedule.feasible and prepared.schedule.budget == 1 << 30

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mergeng.engine.statistics import combine_partials
+from mergeng.engine.plan.statistics import combine_partials
 from mergeng.methods import keyed_random
 from mergeng.methods.rank_selection import PASSES, RankSelection, order_keys
 from mergeng.methods.row_sums import column_sum_partial, column_sum_total, row_sums, total

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergeng.engine.statistics import combine_partials
+from mergeng.engine.plan.statistics import combine_partials
 from mergeng.methods.registry import MergeContext, all_methods, get_method
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_methods_chunking import run_method
 
-from mergeng.engine.errors import MergeError
+from mergeng.errors import MergeError
 from mergeng.methods import keyed_random
 
 TENSOR = "model.layers.0.mlp.weight"

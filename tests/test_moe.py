@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeng.engine.errors import MergeError
-from mergeng.engine.memory import current_rss, parse_size
-from mergeng.engine.builders.moe import parse_moe_config, prepare_moe, run_moe
+from mergeng.errors import MergeError
+from mergeng.engine.schedule.memory import current_rss, parse_size
+from mergeng.engine.builders.moe import parse_moe_config, prepare_moe
+from mergeng.engine.run import run_moe
 from mergeng.engine.builders.moe_gates import hidden_summaries, tokenize
-from mergeng.engine.source import ModelSource
-from mergeng.engine.tiny_models import TINY, make_llama
+from mergeng.engine.inputs.source import ModelSource
+from mergeng.cli.tiny_models import TINY, make_llama
 
 from helpers import cli, load_tensors, load_with_transformers
 

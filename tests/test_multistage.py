@@ -13,7 +13,7 @@ import pytest
 
 from conftest import write_recipe
 from helpers import cli, load_tensors, load_with_transformers
-from mergeng.engine.tiny_models import LlamaShape, make_llama
+from mergeng.cli.tiny_models import LlamaShape, make_llama
 from test_resume import interrupt_midway, recorded_chunks, shard_bytes
 
 SLERP_TIES = """
@@ -120,7 +120,7 @@ def test_fused_run_is_byte_identical_to_stage_by_stage(tmp_path, tiny_models, te
 
 def test_held_and_recomputed_intermediates_give_the_same_bytes(tmp_path, tiny_models):
     from mergeng.engine.run import prepare, run_merge
-    from mergeng.engine.scheduler import make_schedule
+    from mergeng.engine.schedule.scheduler import make_schedule
     from mergeng.engine.builders.stages import StageRows
 
     recipe = recipe_for(tmp_path, tiny_models, CHAIN)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import cli, load_tensors, load_with_transformers, merge
-from mergeng.engine.tiny_models import TINY, make_llama
+from mergeng.cli.tiny_models import TINY, make_llama
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from mergekit_reference import FLAGS, mergekit_available

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import write_recipe
 from helpers import cli
-from mergeng.engine.tiny_models import LLAMA3_70B, llama_tensors, make_sparse_llama
+from mergeng.cli.tiny_models import LLAMA3_70B, llama_tensors, make_sparse_llama
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_estimated_time_grows_with_the_number_of_units(tmp_path, tiny_models):
     """Cutting the same merge into thousands of row chunks costs time per unit (dispatch, reads,
     statistics bookkeeping): the estimate must say so, not promise the whole-tensor time."""
     from mergeng.engine.run import prepare
-    from mergeng.engine.timeline import UNIT_SECONDS, Speeds, simulate
+    from mergeng.engine.schedule.timeline import UNIT_SECONDS, Speeds, simulate
 
     recipe = write_recipe(tmp_path, "merge_method: ties\nbase_model: {base}\nmodels:\n"
                           "  - {{model: {a}, parameters: {{weight: 1, density: 0.5}}}}\n".format(**tiny_models))

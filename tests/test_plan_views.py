@@ -18,8 +18,8 @@ from conftest import write_recipe
 from helpers import cli
 from mergeng.engine.graph import build_graph
 from mergeng.engine.run import prepare
-from mergeng.engine.scheduler import read_bytes
-from mergeng.engine.tiny_models import LlamaShape, make_llama
+from mergeng.engine.schedule.scheduler import read_bytes
+from mergeng.cli.tiny_models import LlamaShape, make_llama
 
 DEEP = LlamaShape(hidden_size=16, num_hidden_layers=80, num_attention_heads=2, num_key_value_heads=1,
                   intermediate_size=32, vocab_size=64)

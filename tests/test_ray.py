@@ -1,4 +1,4 @@
-"""--executor ray (engine/ray_cluster.py, ray_partitions.py, ray_run.py) on a two-node Ray cluster
+"""--executor ray (engine/cluster/plan.py, ray_partitions.py, ray_run.py) on a two-node Ray cluster
 on this machine: the same bytes as a local run for the tiny and a medium model set with linear,
 TIES and a multi-stage recipe, one task per output shard with a memory request that holds its
 measured peak, a worker killed mid-task retried (redoing only unrecorded chunks), a rerun after
@@ -22,7 +22,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from conftest import write_recipe  # noqa: E402
 from helpers import cli  # noqa: E402
-from mergeng.engine.tiny_models import make_llama  # noqa: E402
+from mergeng.cli.tiny_models import make_llama  # noqa: E402
 from test_multistage import SLERP_TIES  # noqa: E402
 from test_resume import MEDIUM, recorded_chunks, shard_bytes  # noqa: E402
 
@@ -149,7 +149,7 @@ def test_plan_lists_one_task_per_shard_with_memory_and_bytes(tmp_path, tiny_mode
 
 
 def test_without_ray_the_error_names_the_extra(tmp_path, tiny_models, monkeypatch):
-    from mergeng.engine import ray_cluster
+    from mergeng.engine.cluster import plan as ray_cluster
 
     monkeypatch.setattr(ray_cluster, "ray", None)
     result = cli("plan", recipe_for(tmp_path, tiny_models, LINEAR), "--executor", "ray")
@@ -158,7 +158,7 @@ def test_without_ray_the_error_names_the_extra(tmp_path, tiny_models, monkeypatc
 
 def test_a_node_that_cannot_see_an_input_is_named_before_anything_is_written(tmp_path, tiny_models, cluster, monkeypatch):
     """The probes stat the driver's input files on every node (here one no node has)."""
-    from mergeng.engine import ray_cluster
+    from mergeng.engine.cluster import plan as ray_cluster
 
     real = ray_cluster.fingerprint
 
@@ -180,7 +180,7 @@ def test_a_node_local_output_folder_is_refused(tmp_path, tiny_models, cluster, m
     """A node that does not see the file the driver made beside the output sees another folder there."""
     from contextlib import contextmanager
 
-    from mergeng.engine import ray_cluster
+    from mergeng.engine.cluster import plan as ray_cluster
 
     @contextmanager
     def a_file_the_nodes_do_not_see(out_dir):
@@ -223,8 +223,8 @@ SLOW = ("--max-unit", "256K", "--workers", "1")
 
 
 def test_worker_killed_mid_task_is_retried_and_redoes_only_unrecorded_chunks(tmp_path, medium_models, cluster):
-    from mergeng.engine.ray_cluster import plan_on_ray
-    from mergeng.engine.ray_run import run_on_ray
+    from mergeng.engine.cluster.plan import plan_on_ray
+    from mergeng.engine.cluster.run import run_on_ray
 
     recipe = recipe_for(tmp_path, medium_models, TIES)
     run_ok(recipe, "-o", tmp_path / "local", "--shard-size", "20M")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mergeng.engine.errors import MergeError
-from mergeng.engine.recipe import gradient_value, is_unset, parse_recipe, resolve_parameter
+from mergeng.errors import MergeError
+from mergeng.engine.recipe.load import gradient_value, is_unset, parse_recipe, resolve_parameter
 
 
 def recipe(text):

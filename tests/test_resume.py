@@ -13,7 +13,7 @@ import pytest
 
 from conftest import write_recipe
 from helpers import cli
-from mergeng.engine.tiny_models import LlamaShape, make_llama
+from mergeng.cli.tiny_models import LlamaShape, make_llama
 
 MEDIUM = LlamaShape(hidden_size=256, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=768, vocab_size=8192)

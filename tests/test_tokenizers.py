@@ -1,4 +1,4 @@
-"""Tokenizers and vocabularies as mergekit 0.1.5 does them (engine/tokenizer_merge.py, RowGather in engine/source.py).
+"""Tokenizers and vocabularies as mergekit 0.1.5 does them (engine/plan/tokenizer_merge.py, RowGather in engine/inputs/source.py).
 
 Models whose tokenizers differ (tests/vocab_models.py): added tokens, a reordered vocabulary, a
 larger vocabulary, tied embeddings. Outputs are checked against formulas written here (the
@@ -20,10 +20,10 @@ import torch
 from helpers import cli, load_tensors, load_with_transformers, merge
 from vocab_models import BASE_WORDS, vocab_models
 
-from mergeng.engine.errors import MergeError
-from mergeng.engine.merge_plan import build_plan, open_sources
-from mergeng.engine.recipe import parse_recipe
-from mergeng.engine.source import RowGather, read_rows
+from mergeng.errors import MergeError
+from mergeng.engine.plan.merge_plan import build_plan, open_sources
+from mergeng.engine.recipe.load import parse_recipe
+from mergeng.engine.inputs.source import RowGather, read_rows
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 from mergekit_reference import mergekit_available, run_mergekit  # noqa: E402
@@ -219,7 +219,7 @@ def test_a_gather_reads_any_row_range_as_the_whole_and_groups_runs_into_few_read
     for a, b in [(0, 1), (3, 17), (59, 64), (60, 64), (10, 60)]:
         torch.testing.assert_close(read_rows(info, a, b), whole[a:b], rtol=0, atol=0)
     calls = []
-    import mergeng.engine.source as source
+    import mergeng.engine.inputs.source as source
 
     real = source.read_rows
     monkeypatch.setattr(source, "read_rows", lambda i, a, b, *rest, **kw: calls.append(b - a) or real(i, a, b, *rest, **kw))

@@ -1,6 +1,6 @@
 """Nothing wrong in silence: what a recipe says that mergeng ignores is a warning, what it cannot honour an error.
 
-Every test here names one case of engine/validation.py (and the shape/vocabulary rules of
+Every test here names one case of engine/recipe/validation.py (and the shape/vocabulary rules of
 merge_plan.py); each failed before those checks existed.
 """
 
@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 import torch
 from conftest import write_recipe
 from helpers import cli, load_tensors
-from mergeng.engine.errors import MergeError
-from mergeng.engine.merge_plan import build_plan, open_sources
-from mergeng.engine.recipe import load_recipe, parse_recipe
-from mergeng.engine.tiny_models import LlamaShape, make_llama
+from mergeng.errors import MergeError
+from mergeng.engine.plan.merge_plan import build_plan, open_sources
+from mergeng.engine.recipe.load import load_recipe, parse_recipe
+from mergeng.cli.tiny_models import LlamaShape, make_llama
 
 
 def plan_of(tmp_path: Path, text: str, truncate_vocab: bool = False):

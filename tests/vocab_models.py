@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mergeng.engine.tiny_models import LlamaShape, make_llama
+from mergeng.cli.tiny_models import LlamaShape, make_llama
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 BASE_WORDS = SPECIALS + [f"w{i}" for i in range(4, 60)]

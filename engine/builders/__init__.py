@@ -1,4 +1,4 @@
-"""What turns inputs other than one recipe into the pipeline's plan (engine/merge_plan.py's
+"""What turns inputs other than one recipe into the pipeline's plan (engine/plan/merge_plan.py's
 TensorTasks), which then runs on the one scheduler, executor and writer:
 
 - stages.py        multi-stage recipes (mergekit-multi): each stage's plan becomes a source whose
@@ -8,6 +8,7 @@ TensorTasks), which then runs on the one scheduler, executor and writer:
 - lora_extract.py  a PEFT adapter from a fine-tune by per-tensor SVD (the one builder that runs
                    its own loop: its outputs' shapes are known only after each SVD)
 
-A builder may import the pipeline (engine/*.py); the pipeline never imports a builder, except
-the entry points (engine/run.py, engine/api.py) that choose one by the input's kind.
+May import: every pipeline stage (recipe, inputs, plan, schedule, output, execute), methods/,
+architectures/, errors, version. The pipeline never imports a builder; only the entry points
+(engine/run.py, engine/api.py) and the plan's views (engine/graph.py) know them.
 """

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...architectures.alignment import align
-from ..errors import MergeError
-from ..merge_plan import MergePlan, PlanBuilder
-from ..recipe import Recipe
-from ..source import ModelSource
+from ...errors import MergeError
+from ..plan.merge_plan import MergePlan, PlanBuilder
+from ..recipe.load import Recipe
+from ..inputs.source import ModelSource
 
 
 def fill_missing_recipe_text(donor: Path, part: Path) -> str:

@@ -4,7 +4,7 @@
         ΔW ≈ U S Vᵀ, top R singular values   (torch.svd_lowrank when 2R+10 ≤ min(m, n)/2, else torch.linalg.svd)
         linear:     B = U·√S, A = √S·Vᵀ            so B @ A = ΔW
         embedding:  B = V·√S, A = √S·Uᵀ            so (B @ A)ᵀ = ΔW, as PEFT's lora_embedding_A/B
-    adapter_model.safetensors   factors appended as they come (engine/writer.py AppendingWriter: ranks
+    adapter_model.safetensors   factors appended as they come (engine/output/writer.py AppendingWriter: ranks
                                 are known only after each SVD, so no layout can be fixed up front)
     adapter_config.json         r = lora_alpha = R (scale 1); rank_pattern/alpha_pattern where a module keeps fewer
 
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MergeError
-from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_model
-from ..cost_model import lowrank_columns, require_work_fits, svd_bytes, use_lowrank
-from ..source import TensorInfo, read_rows
-from ..writer import AppendingWriter
+from ...errors import MergeError
+from ..inputs.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, open_model
+from ..schedule.cost_model import lowrank_columns, require_work_fits, svd_bytes, use_lowrank
+from ..inputs.source import TensorInfo, read_rows
+from ..output.writer import AppendingWriter
 
 # Randomized SVD with q = 2R + 10 columns and 6 power iterations keeps ≥ 99.9% of the optimal
 # energy even for a flat (noise-like) spectrum; it is used when q ≤ min(m, n)/2, where it measured

@@ -33,16 +33,21 @@ from ...methods.declaration import MergeContext, Tensor, declare_method
 from ...methods.keyed_random import stream_key, uniform_rows
 from ...methods.registry import get_method
 from ...version import __version__
-from ..dtypes import RECIPE_DTYPES, dtype_name
-from ..errors import MergeError
-from ..journal import STATE_DIR
-from ..merge_plan import MergePlan, TensorTask, natural_key
-from ..paths import resolve_model_path
-from ..recipe import parse_yaml_model
-from ..recipe_schema import InputModel, Recipe
-from ..scheduler import MAX_UNIT_BYTES
-from ..source import ModelSource, TensorInfo
-from ..writer import DEFAULT_SHARD_SIZE, OutputTensor
+from ..inputs.dtypes import dtype_name
+from ..recipe.schema import RECIPE_DTYPES
+from ...errors import MergeError
+from ..output.journal import STATE_DIR
+from ..plan.merge_plan import MergePlan, TensorTask, natural_key
+from ..inputs.paths import resolve_model_path
+from ..recipe.load import parse_yaml_model
+from ..recipe.schema import InputModel, Recipe
+from ..schedule.scheduler import MAX_UNIT_BYTES
+from ..inputs.source import ModelSource, TensorInfo
+from ..output.writer import DEFAULT_SHARD_SIZE
+from ..output.folder import clear_previous_output, refuse_foreign_folder
+from ..execute.prepared import prepare_plan
+from ..schedule.scheduler import require_feasible
+from ..plan.tensor_task import OutputTensor
 
 GateMode = Literal["hidden", "hidden_avg", "cheap_embed", "random", "uniform_random"]
 PROMPT_MODES = ("hidden", "hidden_avg", "cheap_embed")
@@ -256,7 +261,7 @@ def routers_key(config_text: str, seed: int, base: ModelSource) -> str:
 def _existing_routers(path: Path, key: str) -> bool:
     if not path.exists():
         return False
-    from ..source import read_safetensors_header
+    from ..inputs.source import read_safetensors_header
 
     try:
         _, meta = read_safetensors_header(path)
@@ -270,8 +275,6 @@ def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None
     """Validate, compute the routers (or reuse them), build the plan and schedule it.
 
     Returns (run.Prepared, MoeBuild); `run.run_merge` executes the first."""
-    from ..run import _refuse_foreign_folder, clear_previous_output, prepare_plan
-    from ..scheduler import require_feasible
 
     config_path, out_dir = Path(config_path), Path(out_dir)
     if not config_path.exists():
@@ -317,7 +320,7 @@ def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None
                                   shard_size, workers, max_unit_bytes).schedule)
 
     # routers: computed once, kept under OUT/.mergeng/moe/ so a resumed build reuses them
-    _refuse_foreign_folder(out_dir)
+    refuse_foreign_folder(out_dir)
     if fresh:
         clear_previous_output(out_dir)
     moe_dir = out_dir / STATE_DIR / MOE_DIR
@@ -351,7 +354,7 @@ def _base_tasks(base: ModelSource, arch: MoeArchitecture, dtype: torch.dtype) ->
 def _compute_routers(config: MoeConfig, arch: MoeArchitecture, base: ModelSource, layers: int, seed: int,
                      budget: int | None, moe_dir: Path, key: str, warnings: list[str]) -> int:
     """Compute and write the routers file (and gates.json); returns the phase's peak RSS."""
-    from ..memory import RssSampler, default_budget
+    from ..schedule.memory import RssSampler, default_budget
     from .moe_gates import GateRow, compute_gates
 
     experts = config.experts + (config.shared_experts or [])
@@ -413,14 +416,3 @@ def output_config(arch: MoeArchitecture, base_config: dict, experts: int, per_to
     if "dtype" in cfg:
         cfg["dtype"] = cfg["torch_dtype"]
     return cfg
-
-def run_moe(config_path: str | Path, out_dir: str | Path, budget: int | None = None, seed: int = 0, **options) -> dict:
-    """Build and run in one call (tests, scripts); returns run_merge's profile plus the gate phase's peak."""
-    from ..run import run_merge
-
-    fresh = options.pop("fresh", False)
-    prepared, build = prepare_moe(config_path, out_dir, budget, seed, fresh=fresh, **options)
-    profile = run_merge(prepared, out_dir)
-    profile["gate_peak_rss_bytes"] = build.gate_peak_rss
-    profile["warnings"] = build.plan.warnings
-    return profile

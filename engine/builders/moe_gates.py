@@ -29,10 +29,10 @@ from importlib import import_module
 import torch
 
 from ...methods.keyed_random import stream_key
-from ..errors import MergeError
-from ..memory import tune_allocator, trim_heap
-from ..cost_model import layer_pass_bytes, require_work_fits
-from ..source import ModelSource, TensorInfo, read_rows
+from ...errors import MergeError
+from ..schedule.memory import tune_allocator, trim_heap
+from ..schedule.cost_model import layer_pass_bytes, require_work_fits
+from ..inputs.source import ModelSource, TensorInfo, read_rows
 
 EMBED = "model.embed_tokens.weight"
 LAYER = "model.layers.{i}."
@@ -163,7 +163,7 @@ def layer_tensors(base: ModelSource, i: int) -> dict[str, TensorInfo]:
 
 
 def hidden_gate_bytes(base: ModelSource, config, lengths: list[int]) -> int:
-    """Live bytes of one layer's pass (engine/cost_model.py layer_pass_bytes)."""
+    """Live bytes of one layer's pass (engine/schedule/cost_model.py layer_pass_bytes)."""
     layers = [list(layer_tensors(base, i).values()) for i in range(config.num_hidden_layers)]
     return layer_pass_bytes(layers, config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
                             config.num_attention_heads, lengths)

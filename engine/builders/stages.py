@@ -10,13 +10,13 @@ inside `slices`). The unnamed document is the output (when every document is nam
 no other document uses). Stage names win over folders of the same name, as in mergekit-multi.
 
 Stages are resolved from headers alone: each stage is planned by the ordinary planner
-(engine/merge_plan.py) over its models, and becomes a source whose tensors are its plan's
+(engine/plan/merge_plan.py) over its models, and becomes a source whose tensors are its plan's
 output tensors (names, shapes, dtypes, a frankenmerge's renumbered layers) and whose
 config.json is its plan's output config; its non-weight files (config, tokenizer) are written
 to a small temporary folder so tokenizer handling works as for a model on disk.
 
 Invariants:
-- An intermediate tensor's rows are computed by engine/tensor_rows.py, the executor's own
+- An intermediate tensor's rows are computed by engine/execute/tensor_rows.py, the executor's own
   code, and rounded to the stage's output dtype before the next stage reads them: a fused run
   gives exactly the bytes of running the stages one after another (`--intermediate-dir`).
 - A read of rows [a, b) computes only those rows. A stage method that needs whole-tensor
@@ -47,13 +47,13 @@ import psutil
 import torch
 import yaml
 
-from ..cost_model import fixed_cost, held_bytes, row_cost, statistics_footprint
-from ..dtypes import COMPUTE_DTYPE, element_size, row_elements
-from ..errors import MergeError
-from ..merge_plan import MergePlan, TensorTask
-from ..recipe import Recipe, parse_recipe, yaml_syntax_error
-from ..source import ComputedRows, TensorInfo, disk_row_bytes, read_rows
-from ..tensor_rows import merged_rows, whole_statistics
+from ..schedule.cost_model import fixed_cost, held_bytes, row_cost, statistics_footprint
+from ..inputs.dtypes import COMPUTE_DTYPE, element_size, row_elements
+from ...errors import MergeError
+from ..plan.merge_plan import MergePlan, TensorTask
+from ..recipe.load import Recipe, parse_recipe, yaml_syntax_error
+from ..inputs.source import ComputedRows, TensorInfo, disk_row_bytes, read_rows
+from ..execute.tensor_rows import merged_rows, whole_statistics
 
 F32 = element_size(COMPUTE_DTYPE)
 
@@ -309,9 +309,9 @@ def plan_stages(stages: list[Stage], recipe_dir: Path | None, build, on_disk: di
 
     `build(recipe, sources)` plans one stage (engine/run.py: checks + build_plan). `on_disk`: stages
     already written as model folders (--intermediate-dir), opened as ordinary models."""
-    from ..lora import open_model
-    from ..output_files import write_output_files
-    from ..source import ModelSource
+    from ..inputs.lora import open_model
+    from ..output.files import write_output_files
+    from ..inputs.source import ModelSource
 
     opened: dict[str, object] = {}  # model string -> source, shared by every stage
     made: dict[str, object] = {}  # stage name -> its source

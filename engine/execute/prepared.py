@@ -1,0 +1,39 @@
+"""Prepared: a plan scheduled under the budget and laid out into shards, what execution takes.
+
+Every command that writes a model (run, moe, fill-missing, lora extraction's plan, a cluster's
+tasks) makes one through `prepare_plan`, so what `plan` prints is exactly what runs.
+Invariant: preparing reads headers only; the schedule is fixed here and never changes while
+the units run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import MergeError
+from ..output.writer import DEFAULT_SHARD_SIZE, ShardLayout
+from ..plan.merge_plan import MergePlan
+from ..schedule.memory import current_rss, default_budget, trim_heap
+from ..schedule.scheduler import MAX_UNIT_BYTES, Schedule, make_schedule
+
+
+@dataclass
+class Prepared:
+    plan: MergePlan
+    schedule: Schedule
+    layout: ShardLayout
+    recipe_text: str
+
+
+def prepare_plan(plan: MergePlan, recipe_text: str, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
+                 workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES) -> Prepared:
+    """Schedule an already built plan (commands that make their own plans: moe, fill-missing)."""
+    if workers < 1:
+        raise MergeError(f"--workers: must be 1 or more, got {workers}")
+    if shard_size < 1:
+        raise MergeError(f"--shard-size: must be positive, got {shard_size} bytes")
+    layout = ShardLayout([t.output for t in plan.tasks], shard_size)
+    trim_heap()
+    baseline = current_rss()
+    schedule = make_schedule(plan.tasks, budget or default_budget(), baseline, workers, max_unit_bytes)
+    return Prepared(plan, schedule, layout, recipe_text)

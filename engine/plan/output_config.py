@@ -1,0 +1,118 @@
+"""The output's config.json: the donor's, deep-copied, with what the merge changed written in.
+
+Invariant: the donor's own config (ModelSource.config) is never modified; every key that the
+merge changes (dtype, layer count, vocabulary size) is set consistently wherever the config
+holds it (top level or nested `text_config`). A `slices` merge rewrites every key that describes
+the layers (architectures/config_layers.py), so the config never contradicts the new layers;
+`config_changes` lists what differs from the donor's config, for `plan` to show.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from ...architectures.config_layers import relayer_config
+from ...architectures.layout import find_layer_stacks, language_stack
+from ...architectures.vocabulary import config_vocab_holders
+from ..recipe.schema import RECIPE_DTYPES
+from ..recipe.load import Recipe
+from ..inputs.source import ModelSource
+from .tensor_task import TensorTask
+from .vocabulary import output_vocab_rows, vocab_rows
+
+
+def output_config(recipe: Recipe, donor: ModelSource, tasks: list[TensorTask], layers: int | None,
+                  warnings: list[str]) -> dict:
+    """The donor's config.json (a deep copy: nested `text_config` included) with dtype, layer count and vocab size updated.
+
+    A donor without config.json gives an empty config: a warning (an error with --strict), not
+    a refusal, since plain tensor files (no transformers model) still merge."""
+    if not donor.config:
+        warnings.append(f"model '{donor.label}': no config.json, so the output has none and transformers "
+                        f"cannot load it (the config comes from the base model, else the first); add config.json "
+                        f"from the original model to {donor.path}")
+    config = copy.deepcopy(donor.config)
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if out_dtype:
+        config["torch_dtype"] = str(RECIPE_DTYPES[out_dtype]).removeprefix("torch.")
+        if "dtype" in config:
+            config["dtype"] = config["torch_dtype"]
+    if layers is not None:
+        set_layers(config, recipe, donor, layers)
+        check_with_transformers(config, warnings)
+    rows = output_vocab_rows(tasks)
+    donor_rows = vocab_rows(donor)
+    if rows is not None and donor_rows is not None and rows != donor_rows:
+        for holder in config_vocab_holders(config):
+            holder["vocab_size"] = rows
+    return config
+
+
+def check_with_transformers(config: dict, warnings: list[str]) -> None:
+    """Where transformers is installed, have its config class validate a re-layered config, so a
+    config it would refuse is said at plan time (a warning; an error with --strict), never found
+    by the user when loading the merged model."""
+    model_type = config.get("model_type")
+    try:
+        import transformers
+    except ImportError:  # optional ([test], [moe], [tokenizers] extras): without it, no check
+        return
+    try:
+        transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+    except ValueError as e:
+        if "Unrecognized model" in str(e) or "model_type" in str(e).split(":")[0]:
+            return  # a model type this transformers does not know: nothing to check against
+        warnings.append(f"config.json: transformers' {model_type} config refuses the re-layered config "
+                        f"({str(e).splitlines()[-1].strip()}); the merged model will not load as it is")
+    except Exception as e:  # noqa: BLE001  any other refusal is reported the same way
+        warnings.append(f"config.json: transformers' {model_type} config refuses the re-layered config "
+                        f"({type(e).__name__}: {str(e).splitlines()[-1].strip() if str(e) else ''}); "
+                        f"the merged model will not load as it is")
+
+
+def slice_layer_sources(recipe: Recipe, layers: int) -> list[int] | None:
+    """The donor layer each output layer of the language stack is cut from (a slice's first source,
+    as `PlanBuilder.slices_form` names them): from `slices`, or a `modules:` recipe's sliced text decoder."""
+    from ..recipe.modules import VISION_NAMES
+
+    candidates = [recipe.slices] + [m.slices for name, m in (recipe.modules or {}).items() if name not in VISION_NAMES]
+    for slices in candidates:
+        if slices:
+            sources = [i for sl in slices for i in range(*sl.sources[0].layer_range)]
+            if len(sources) == layers:
+                return sources
+    return None
+
+
+def set_layers(config: dict, recipe: Recipe, donor: ModelSource, layers: int) -> None:
+    """The layer count, per-layer lists and layer indices of a sliced language stack; without a
+    per-layer account of the slices (or a count the config states), only `num_hidden_layers`."""
+    stacks = find_layer_stacks(list(donor.tensors))
+    stack = language_stack(stacks, donor.config)
+    before = stacks.get(stack) if stack else None
+    sources = slice_layer_sources(recipe, layers)
+    if before and sources and relayer_config(config, sources, before):
+        return  # a config that states no count derives it from the per-layer lists just rewritten
+    holder = config if "num_hidden_layers" in config or "text_config" not in config else config["text_config"]
+    holder["num_hidden_layers"] = layers
+
+
+def config_changes(before: dict, after: dict, path: str = "") -> list[str]:
+    """One line per key whose value differs between the donor's config and the output's, e.g.
+    `layer_types: 4 entries -> 6` or `text_config.num_hidden_layers: 32 -> 48`."""
+    lines = []
+    for key in dict.fromkeys([*before, *after]):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += config_changes(old, new, f"{path}{key}.")
+        else:
+            lines.append(f"{path}{key}: {_short(old)} -> {_short(new)}")
+    return lines
+
+
+def _short(value) -> str:
+    if isinstance(value, list) and len(value) > 8:
+        return f"{len(value)} entries"
+    return "(absent)" if value is None else str(value)
