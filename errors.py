@@ -5,8 +5,8 @@ one-line message naming what to fix. The CLI prints it in red and exits 2 (bad i
 (failed while working); any other exception is a bug and shows a traceback only with --debug.
 
 It lives at the package root, beside nothing else, so that methods/ and architectures/ can
-raise it without depending on engine/. Invariant: this module imports nothing of mergeng;
-errors.py re-exports the same class (one class, so one `except MergeError` catches all).
+raise it without depending on engine/. Invariant: this module imports nothing of mergeng, and it
+is the only errors module (one class, so one `except MergeError` catches all).
 """
 
 

@@ -1,0 +1,272 @@
+"""A stand-in for the Hugging Face Hub that the suite starts on 127.0.0.1: what mergeng reaches over a
+network, reached for real, with no internet.
+
+It speaks the part of the Hub's protocol huggingface_hub 2.4.0 and mergeng use (../shared/reference/hub.md §4):
+- `GET /api/models/{id}[/revision/{rev}]`        {"id", "sha", "siblings"}; RepoNotFound / RevisionNotFound
+- `GET /api/models/{id}/tree/{rev}[/{path}]`     file entries with size, oid and, for weights, lfs {oid, size}
+- `HEAD`/`GET /{id}/resolve/{rev}/{file}`        X-Repo-Commit, ETag; weights answer 302 to a second port (the
+                                                 "CDN", another origin), with X-Linked-Etag / X-Linked-Size
+- `GET /cdn/{sha256}` on the second port         the blob, with `Range` -> 206 + Content-Range
+A repo is a folder frozen at `add_repo` into a commit (its files copied); `move_branch` makes a new commit.
+Gated repos answer 401 GatedRepo to any file request without the right bearer token. Faults a test can turn
+on: `ignore_range` (200 with the whole body), `wrong_range` (206 with bytes from elsewhere), `drop_after`
+(close the connection after that many body bytes of a ranged read). Every request is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class Commit:
+    sha: str
+    files: dict[str, Path]  # repo path -> frozen copy on disk
+
+
+@dataclass
+class Repo:
+    repo_id: str
+    commits: dict[str, Commit] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> sha
+    gated: bool = False
+
+
+def _git_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+class FakeHub:
+    def __init__(self, root: Path, token: str = "hf_test_token"):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.repos: dict[str, Repo] = {}
+        self.blobs: dict[str, Path] = {}  # sha256 -> file
+        self.token = token
+        self.log: list[tuple[str, str, str | None]] = []  # (method, path, range)
+        self.ignore_range = False
+        self.wrong_range = False
+        self.drop_after: int | None = None
+        self._lock = threading.Lock()
+        self._servers: list[ThreadingHTTPServer] = []
+        self.endpoint = ""
+        self.cdn = ""
+
+    # -- repos -------------------------------------------------------------------------------
+    def add_repo(self, repo_id: str, folder: Path, branch: str = "main", gated: bool = False,
+                 skip: tuple[str, ...] = ()) -> str:
+        repo = self.repos.setdefault(repo_id, Repo(repo_id, gated=gated))
+        repo.gated = repo.gated or gated
+        return self._commit(repo, folder, branch, skip)
+
+    def move_branch(self, repo_id: str, folder: Path, branch: str = "main") -> str:
+        return self._commit(self.repos[repo_id], folder, branch, ())
+
+    def tag(self, repo_id: str, name: str, sha: str) -> None:
+        self.repos[repo_id].refs[name] = sha
+
+    def _commit(self, repo: Repo, folder: Path, branch: str, skip: tuple[str, ...]) -> str:
+        folder = Path(folder)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in skip
+                       and ".mergeng" not in p.parts)
+        h = hashlib.sha1(repo.repo_id.encode() + str(len(repo.commits)).encode())
+        for p in files:
+            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+        sha = h.hexdigest()
+        frozen = self.root / "commits" / sha
+        copied: dict[str, Path] = {}
+        for p in files:
+            rel = p.relative_to(folder).as_posix()
+            dest = frozen / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, dest)
+            copied[rel] = dest
+            if rel.endswith(WEIGHT_SUFFIXES):
+                self.blobs[_sha256(dest)] = dest
+        repo.commits[sha] = Commit(sha, copied)
+        repo.refs[branch] = sha
+        return sha
+
+    def requests(self, method: str | None = None, contains: str = "") -> list[tuple[str, str, str | None]]:
+        with self._lock:
+            return [r for r in self.log if (method is None or r[0] == method) and contains in r[1]]
+
+    # -- server ------------------------------------------------------------------------------
+    def start(self) -> str:
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                hub._handle(self, head=True)
+
+            def do_GET(self):
+                hub._handle(self, head=False)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                hub._reply(self, 404, {}, b"", head=False)
+
+        for _ in range(2):
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self._servers.append(server)
+        self.endpoint = f"http://127.0.0.1:{self._servers[0].server_port}"
+        self.cdn = f"http://127.0.0.1:{self._servers[1].server_port}"
+        return self.endpoint
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+
+    def _reply(self, h: BaseHTTPRequestHandler, status: int, headers: dict, body: bytes, head: bool) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+
+    def _error(self, h, status: int, code: str, head: bool, commit: str | None = None) -> None:
+        headers = {"X-Error-Code": code, "Content-Type": "application/json"}
+        if commit:
+            headers["X-Repo-Commit"] = commit
+        self._reply(h, status, headers, json.dumps({"error": code}).encode(), head)
+
+    def _handle(self, h: BaseHTTPRequestHandler, head: bool) -> None:
+        url = urlparse(h.path)
+        path = unquote(url.path)
+        rng = h.headers.get("Range")
+        with self._lock:
+            self.log.append(("HEAD" if head else "GET", path, rng))
+        port = h.server.server_address[1]
+        if port == self._servers[1].server_port:
+            return self._serve_blob(h, path, rng, head)
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) >= 4:
+            return self._api(h, parts[2:], head)
+        if len(parts) >= 5 and parts[2] == "resolve":
+            return self._resolve(h, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), head)
+        self._reply(h, 404, {}, b"not found", head)
+
+    def _commit_of(self, repo: Repo, rev: str) -> Commit | None:
+        sha = repo.refs.get(rev, rev)
+        return repo.commits.get(sha)
+
+    def _api(self, h, parts: list[str], head: bool) -> None:
+        repo_id = "/".join(parts[:2])
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return self._error(h, 401, "RepoNotFound", head)
+        rest = parts[2:]
+        if not rest or rest[0] == "revision":
+            rev = rest[1] if len(rest) > 1 else "main"
+            commit = self._commit_of(repo, rev)
+            if commit is None:
+                return self._error(h, 404, "RevisionNotFound", head)
+            body = {"id": repo_id, "modelId": repo_id, "sha": commit.sha, "private": False, "gated": "auto" if repo.gated else False,
+                    "siblings": [{"rfilename": f} for f in sorted(commit.files)]}
+            return self._reply(h, 200, {"Content-Type": "application/json"}, json.dumps(body).encode(), head)
+        if rest[0] == "tree" and len(rest) >= 2:
+            commit = self._commit_of(repo, rest[1])
+            if commit is None:
+                return self._error(h, 404, "RevisionNotFound", head)
+            entries = []
+            for name, file in sorted(commit.files.items()):
+                size = file.stat().st_size
+                entry = {"type": "file", "path": name, "size": size, "oid": _git_sha1(file.read_bytes())}
+                if name.endswith(WEIGHT_SUFFIXES):
+                    entry["lfs"] = {"oid": _sha256(file), "size": size, "pointerSize": 134}
+                entries.append(entry)
+            return self._reply(h, 200, {"Content-Type": "application/json"}, json.dumps(entries).encode(), head)
+        self._error(h, 404, "EntryNotFound", head)
+
+    def _authorized(self, h) -> bool:
+        return h.headers.get("Authorization") == f"Bearer {self.token}"
+
+    def _resolve(self, h, repo_id: str, rev: str, name: str, head: bool) -> None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return self._error(h, 401, "RepoNotFound", head)
+        commit = self._commit_of(repo, rev)
+        if commit is None:
+            return self._error(h, 404, "RevisionNotFound", head)
+        if repo.gated and not self._authorized(h):
+            return self._error(h, 401, "GatedRepo", head)
+        file = commit.files.get(name)
+        if file is None:
+            return self._error(h, 404, "EntryNotFound", head, commit.sha)
+        size = file.stat().st_size
+        if name.endswith(WEIGHT_SUFFIXES):
+            oid = _sha256(file)
+            headers = {"X-Repo-Commit": commit.sha, "X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(size),
+                       "ETag": f'"{_git_sha1(b"pointer" + oid.encode())}"', "Location": f"{self.cdn}/cdn/{oid}"}
+            return self._reply(h, 302, headers, b"", head)
+        data = file.read_bytes()
+        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{_git_sha1(data)}"', "Accept-Ranges": "bytes"}
+        self._send_file(h, data, h.headers.get("Range"), headers, head)
+
+    def _serve_blob(self, h, path: str, rng: str | None, head: bool) -> None:
+        oid = path.rsplit("/", 1)[-1]
+        file = self.blobs.get(oid)
+        if file is None:
+            return self._reply(h, 404, {}, b"no such blob", head)
+        self._send_file(h, file.read_bytes(), rng, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}, head)
+
+    def _send_file(self, h, data: bytes, rng: str | None, headers: dict, head: bool) -> None:
+        if rng is None or self.ignore_range:
+            return self._reply(h, 200, headers, data, head)
+        start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+        start = int(start_s)
+        end = min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
+        body = data[start:end + 1]
+        if self.wrong_range:
+            body = data[:len(body)] if start else data[1:len(body) + 1]
+        headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+        if self.drop_after is not None and not head and len(body) > self.drop_after:
+            h.send_response(206)
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            h.wfile.write(body[:self.drop_after])
+            h.wfile.flush()
+            h.connection.shutdown(socket.SHUT_RDWR)
+            h.close_connection = True
+            return
+        self._reply(h, 206, headers, body, head)
+
+
+def serve_forever(root: Path, repos: dict[str, Path]) -> None:  # pragma: no cover - manual use and benchmarks
+    hub = FakeHub(root)
+    for repo_id, folder in repos.items():
+        hub.add_repo(repo_id, folder)
+    print(hub.start(), flush=True)
+    threading.Event().wait()
