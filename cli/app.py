@@ -27,7 +27,7 @@ from .execute import execute, run_recipe
 from .lora_cmd import lora_app
 from .moe_cmd import moe
 from .options import (HELP_OPTIONS, AddressOption, DebugOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
-                      ShardSizeOption, StrictOption, TruncateVocabOption, WorkersOption, executor_name, max_unit_bytes,
+                      ShardSizeOption, StreamOption, StrictOption, TruncateVocabOption, WorkersOption, executor_name, max_unit_bytes,
                       ram_budget, shard_bytes)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
@@ -85,6 +85,7 @@ def run(
     async_write: bool = mk.AsyncWriteOption,
     write_threads: Optional[int] = mk.WriteThreadsOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
+    stream: bool = StreamOption,
     lora_merge_cache: Optional[str] = mk.LoraMergeCacheOption,
     lora_merge_dtype: Optional[str] = mk.LoraMergeDtypeOption,
 ):
@@ -104,7 +105,7 @@ def run(
     run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
-               intermediate_dir=intermediate_dir, executor=executor, address=address)
+               intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream)
 
 
 @app.command()
@@ -120,12 +121,15 @@ def plan(
     max_unit: Optional[str] = MaxUnitOption,
     executor: str = ExecutorOption,
     address: Optional[str] = AddressOption,
+    stream: bool = StreamOption,
+    transformers_cache: Optional[str] = mk.TransformersCacheOption,
     debug: bool = DebugOption,
 ):
     """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
 
     Example: mergeng plan configs/linear.yml --ram 2G --format json
     """
+    from ..engine.inputs.hub import HubOptions
     from ..engine.run import prepare
     from .plan_html import render_html
     from .plan_view import plan_summary, ray_summary, render_dot, render_partitions, render_text, with_estimate
@@ -136,11 +140,12 @@ def plan(
             from ..engine.cluster.plan import plan_on_ray
 
             ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
-                                   address=address, strict=strict, truncate_vocab=truncate_vocab)
+                                   address=address, strict=strict, truncate_vocab=truncate_vocab,
+                                   hub=HubOptions(transformers_cache, stream))
             prepared = ray_plan.prepared
         else:
             prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
-                               strict=strict, truncate_vocab=truncate_vocab)
+                               strict=strict, truncate_vocab=truncate_vocab, hub=HubOptions(transformers_cache, stream))
         if fmt == "json":
             out.print_json(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}))
         elif fmt == "dot":

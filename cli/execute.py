@@ -29,9 +29,10 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
                strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
                quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
-               executor: str = "local", address: Optional[str] = None) -> None:
+               executor: str = "local", address: Optional[str] = None, stream: bool = False) -> None:
     """`mergeng run` with plain arguments (also `lora apply`'s body)."""
-    from ..engine.run import prepare, prepared_stages_on_disk
+    from ..engine.inputs.hub import HubOptions
+    from ..engine.run import hub_pins, prepare, prepared_stages_on_disk
 
     try:
         target = output_folder(recipe, out_path, out_dir)
@@ -40,7 +41,8 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
             for note in notes:
                 console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
         mk.set_num_threads(flags.num_threads if flags else None)
-        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+        hub = HubOptions(flags.transformers_cache if flags else None, stream, hub_pins(target))
+        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
         sizes = (ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit))
         if executor_name(executor, address) == "ray":
             if intermediate_dir is not None:
@@ -90,6 +92,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     `quiet`: warnings only (no progress bar, no summary line). `run_units`: run_merge's (a Ray cluster)."""
     from ..engine.output.journal import STATE_DIR
     from ..engine.schedule.memory import format_size
+    from ..engine.plan.hub_inputs import hub_inputs
     from ..engine.run import run_merge
     from .progress import MergeProgress
 
@@ -97,11 +100,14 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     for w in warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
     total = sum(t.output.nbytes for t in prepared.plan.tasks)
+    fetch = sum(h.fetch_bytes for h in hub_inputs(prepared.plan))
+    shown = Console(stderr=True, quiet=True) if quiet else console
     with _later_interrupts_ignored():
         try:
-            with MergeProgress(Console(stderr=True, quiet=True) if quiet else console, total) as progress:
+            with MergeProgress(shown, total, fetch) as progress:
                 profile = run_merge(prepared, target, fresh, on_start=progress.start, on_progress=progress.advance,
-                                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, run_units=run_units)
+                                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, run_units=run_units,
+                                    on_fetch=progress.fetched)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)

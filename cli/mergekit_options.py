@@ -39,7 +39,7 @@ LazyUnpickleOption = _flag("lazy-unpickle", "No effect: pytorch_model.bin is alw
 CloneTensorsOption = _flag("clone-tensors", "No effect: every tensor is written into its own byte range.")
 AsyncWriteOption = _flag("async-write", "No effect: writes overlap compute on the worker threads.")
 WriteThreadsOption = typer.Option(None, "--write-threads", help="No effect: --workers sets the worker threads.", rich_help_panel=PANEL)
-TransformersCacheOption = typer.Option(None, "--transformers-cache", help="No effect: models are local folders.", rich_help_panel=PANEL)
+TransformersCacheOption = typer.Option(None, "--transformers-cache", help="The cache Hub models are fetched into (default: the HF cache, HF_HUB_CACHE).", rich_help_panel=PANEL)
 LoraMergeCacheOption = typer.Option(None, "--lora-merge-cache", help="No effect: adapters are applied at read time.", rich_help_panel=PANEL)
 LoraMergeDtypeOption = typer.Option(None, "--lora-merge-dtype", help="No effect: LoRA products are computed in float32.", rich_help_panel=PANEL)
 

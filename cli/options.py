@@ -22,6 +22,7 @@ FreshOption = typer.Option(False, "--fresh", help="Discard an interrupted run in
 StrictOption = typer.Option(False, "--strict", help="Treat every warning (unknown recipe keys or parameters, unmatched filters, dropped tensors) as an error.")
 TruncateVocabOption = typer.Option(False, "--truncate-vocab/--no-truncate-vocab", "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", help="Allow models whose vocabularies differ in size: embeddings are cut to the smallest (said in the report).")
 MaxUnitOption = typer.Option(None, "--max-unit", help="Largest working set of one unit of work (e.g. 64M); smaller units mean more row chunks.", hidden=True)
+StreamOption = typer.Option(False, "--stream", help="Hub models: read their tensors' rows by ranged requests within --ram, writing no input file locally (default: fetch the files the merge reads into the HF cache first).")
 ExecutorOption = typer.Option("local", "--executor", help="local: this process; ray: one Ray task per output shard on a Ray cluster (pip install 'mergeng[ray]'; inputs and output on a filesystem every node sees).")
 AddressOption = typer.Option(None, "--address", help="With --executor ray: the cluster to join, HOST:PORT or auto (RAY_ADDRESS, else the cluster started on this machine). Default: auto.")
 

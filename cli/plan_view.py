@@ -13,6 +13,7 @@ from ..architectures.layout import find_layer_stacks, parse_layer_name
 from ..engine.graph import build_graph
 from ..engine.inputs.lora import lora_summary
 from ..engine.schedule.memory import format_size
+from ..engine.plan.hub_inputs import hub_inputs
 from ..engine.plan.output_config import config_changes
 from ..engine.execute.prepared import Prepared
 from ..engine.schedule.scheduler import read_bytes
@@ -45,7 +46,15 @@ def plan_summary(prepared: Prepared) -> dict:
         "dropped": plan.dropped,
         "copied": sum(1 for t in plan.report if t["action"] == "copied"),
         "stages": _stages_summary(prepared),
+        "hub": _hub_summary(prepared),
     }
+
+
+def _hub_summary(prepared: Prepared) -> list[dict]:
+    """Per Hub model: repo, commit, the files the merge reads, what the cache holds and what will be fetched."""
+    return [{"model": str(h.snapshot.ref), "repo": h.snapshot.ref.repo_id, "commit": h.snapshot.commit,
+             "files": h.files, "bytes": h.bytes, "cached_bytes": h.cached_bytes, "fetch_files": h.to_fetch,
+             "fetch_bytes": h.fetch_bytes, "stream": h.stream} for h in hub_inputs(prepared.plan)]
 
 
 def _stages_summary(prepared: Prepared) -> list[dict]:
@@ -70,8 +79,8 @@ def with_estimate(prepared: Prepared, summary: dict) -> tuple[dict, list]:
     """Add the estimated run time (from a quick speed probe) and return the predicted timeline."""
     from ..engine.schedule.timeline import measure_speeds, simulate
 
-    first = next(f for src in leaf_sources(prepared.plan.sources).values() for f in src.files)
-    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first)))
+    first = next((f for src in leaf_sources(prepared.plan.sources).values() for f in src.files if f.exists()), None)
+    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first) if first else None))
     return {**summary, "estimated_seconds": round(seconds, 2)}, points
 
 
@@ -84,7 +93,13 @@ def render_text(prepared: Prepared, console: Console) -> None:
     for label, src in plan.sources.items():
         inputs.add_row(label, "(stage, computed in memory)" if label in stage_names else str(src.path), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
     console.print(inputs)
-    if summary["config_changes"]:
+    if summary["hub"]:
+        hub = Table("model", "commit", "files read", "bytes", "cached", "to fetch", title="from the Hub", title_justify="left")
+        for h in summary["hub"]:
+            fetch = "streamed (--stream)" if h["stream"] else (f"{format_size(h['fetch_bytes'])} in {len(h['fetch_files'])} file(s)"
+                                                                 if h["fetch_files"] else "nothing")
+            hub.add_row(h["model"], h["commit"][:12], str(len(h["files"])), format_size(h["bytes"]), format_size(h["cached_bytes"]), fetch)
+        console.print(hub)
         console.print("config.json changes: " + "; ".join(summary["config_changes"]), highlight=False, markup=False)
     vocabulary = summary["vocabulary"]
     if vocabulary:

@@ -1,4 +1,5 @@
-"""A rich progress bar in bytes written, with speed and ETA; silent when not on a terminal."""
+"""Rich progress bars in bytes, with speed and ETA: the merge's, and before it the Hub files being
+fetched (when there are any); silent when not on a terminal."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 
 class MergeProgress:
-    def __init__(self, console: Console, total_bytes: int):
+    def __init__(self, console: Console, total_bytes: int, fetch_bytes: int = 0):
         self.total = total_bytes
         self._lock = threading.Lock()
         self._progress = Progress(
-            TextColumn("merging"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
             TimeRemainingColumn(), console=console, disable=not console.is_terminal, transient=False,
         )
-        self._task = self._progress.add_task("merge", total=total_bytes)
+        self._fetch = self._progress.add_task("fetching", total=fetch_bytes) if fetch_bytes else None
+        self._task = self._progress.add_task("merging", total=total_bytes)
 
     def __enter__(self) -> "MergeProgress":
         self._progress.start()
@@ -32,3 +34,8 @@ class MergeProgress:
     def advance(self, nbytes: int) -> None:
         with self._lock:
             self._progress.advance(self._task, nbytes)
+
+    def fetched(self, nbytes: int) -> None:
+        if self._fetch is not None:
+            with self._lock:
+                self._progress.advance(self._fetch, nbytes)

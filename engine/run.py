@@ -26,7 +26,9 @@ from ..version import __version__
 from .inputs.architecture_mix import refuse_mixed_architectures
 from ..errors import MergeError
 from .execute.executor import Executor
-from .output.journal import STATE_DIR, Journal, covered_rows
+from .output.journal import STATE_DIR, Journal, covered_rows, recorded_fingerprint
+from .inputs.hub import HubOptions, traffic, using_hub
+from .plan.hub_inputs import fetch_hub_inputs, hub_inputs, input_identities
 from .schedule.memory import RssSampler, tune_allocator
 from .plan.merge_plan import MergePlan, build_plan, open_sources
 from .output.files import tokenizer_donor, write_output_files
@@ -41,17 +43,18 @@ from .execute.prepared import Prepared, prepare_plan
 
 def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2,
             max_unit_bytes: int = MAX_UNIT_BYTES, *, seed: int | None = None, strict: bool = False,
-            truncate_vocab: bool = False, allow_crimes: bool = False) -> Prepared:
+            truncate_vocab: bool = False, allow_crimes: bool = False, hub: HubOptions | None = None) -> Prepared:
     """Recipe file -> validated plan -> schedule. `seed` overrides the recipe's `seed:`; `strict`
     turns every warning into an error; `truncate_vocab` allows vocabularies of different sizes;
-    `allow_crimes` allows models of different architectures (engine/inputs/architecture_mix.py)."""
+    `allow_crimes` allows models of different architectures (engine/inputs/architecture_mix.py); `hub`: how
+    Hub models are reached (engine/inputs/hub.py)."""
     recipe_path = Path(recipe_path)
     if recipe_path.is_dir():
         raise MergeError(f"recipe {recipe_path} is a folder; give the path of the recipe's YAML file")
     if not recipe_path.exists():
         raise MergeError(f"recipe not found: {recipe_path}")
     text = recipe_path.read_text()
-    options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
+    options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
     if is_multi_stage(text):
         return prepare_stages(read_stages(text, str(recipe_path)), text, recipe_path.parent, budget, shard_size, workers,
                               max_unit_bytes, **options)
@@ -62,12 +65,14 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
 def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
                    shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
                    seed: int | None = None, strict: bool = False, truncate_vocab: bool = False,
-                   allow_crimes: bool = False) -> Prepared:
+                   allow_crimes: bool = False, hub: HubOptions | None = None) -> Prepared:
     """`prepare` for a parsed recipe (the Python API's YAML text or dict): model paths are relative
     to `recipe_dir` (None: the working directory); `recipe_text` is kept in the output and the
     resume fingerprint."""
-    plan = plan_recipe(recipe, open_sources(recipe, recipe_dir), seed=seed, truncate_vocab=truncate_vocab,
-                       allow_crimes=allow_crimes)
+    with using_hub(hub):
+        plan = plan_recipe(recipe, open_sources(recipe, recipe_dir), seed=seed, truncate_vocab=truncate_vocab,
+                           allow_crimes=allow_crimes)
+    plan.warnings += hub_warnings(plan)
     if strict:
         refuse_warnings(plan)
     return prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes)
@@ -76,14 +81,16 @@ def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, bu
 def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
                    shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
                    seed: int | None = None, strict: bool = False, truncate_vocab: bool = False, allow_crimes: bool = False,
-                   on_disk: dict[str, Path] | None = None) -> Prepared:
+                   on_disk: dict[str, Path] | None = None, hub: HubOptions | None = None) -> Prepared:
     """`prepare` for a multi-stage recipe (engine/builders/stages.py): the last stage's plan, reading the
     others in memory, or from `on_disk` folders (--intermediate-dir runs)."""
     def build(recipe: Recipe, sources: dict) -> MergePlan:
         return plan_recipe(recipe, sources, seed=seed, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
 
-    plan = plan_stages(stages, recipe_dir, build, on_disk)
+    with using_hub(hub):
+        plan = plan_stages(stages, recipe_dir, build, on_disk)
     plan.warnings = unused_stage_warnings(recipe_text, stages) + plan.warnings if on_disk is None else plan.warnings
+    plan.warnings += hub_warnings(plan)
     if strict:
         refuse_warnings(plan)
     return prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes)
@@ -139,7 +146,22 @@ def fingerprint(prepared: Prepared) -> dict:
         "files": {str(f): file_stamp(f) for f in _input_files(prepared)},
         "layout": [[s.file_name, s.size] for s in prepared.layout.shards],
         "vocabulary": prepared.plan.vocabulary.fingerprint() if prepared.plan.vocabulary else None,
+        "hub": {str(h.snapshot.ref): h.snapshot.commit for h in hub_inputs(prepared.plan)},
     }
+
+
+def hub_pins(out_dir: str | Path) -> dict[str, str]:
+    """The commits an interrupted run in `out_dir` read its Hub models at (a resumed run reads the same)."""
+    recorded = recorded_fingerprint(Path(out_dir)) or {}
+    pins = recorded.get("hub")
+    return {str(k): str(v) for k, v in pins.items()} if isinstance(pins, dict) else {}
+
+
+def hub_warnings(plan: MergePlan) -> list[str]:
+    """A branch that moved since the interrupted run this one resumes (it reads the pinned commit)."""
+    return [f"model '{h.snapshot.ref}': {h.snapshot.ref.revision or 'main'} now points to {h.snapshot.moved_to[:12]}; "
+            f"resuming the interrupted run at the commit it read, {h.snapshot.commit[:12]} (--fresh merges the new one)"
+            for h in hub_inputs(plan) if h.snapshot.moved_to]
 
 
 @functools.cache
@@ -215,17 +237,20 @@ def _shown(path: str) -> str:
 
 def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
               on_start: Callable[[int], None] | None = None, on_progress: Callable[[int], None] | None = None, *,
-              copy_tokenizer: bool = True, write_model_card: bool = True, run_units: RunUnits | None = None) -> dict:
+              copy_tokenizer: bool = True, write_model_card: bool = True, run_units: RunUnits | None = None,
+              on_fetch: Callable[[int], None] | None = None) -> dict:
     """Merge into `out_dir`, resuming a matching interrupted run; returns measured figures.
 
     `copy_tokenizer=False` leaves the tokenizer out of the output, `write_model_card=False` its README.md
     (mergekit's --no-copy-tokenizer and --no-write-model-card). `run_units` computes and writes the
     units that `finished` does not cover (default: this process's executor, `run_units_here`; a Ray
-    cluster: engine/cluster/run.py); its figures go into profile.json."""
+    cluster: engine/cluster/run.py); its figures go into profile.json. Hub models' files the plan reads
+    are fetched into the HF cache first (not with --stream); `on_fetch` gets the bytes as they arrive."""
     out_dir = Path(out_dir)
     require_feasible(prepared.schedule)
     tokenizer_donor(prepared.plan)  # a bad tokenizer_source fails here, not after the merge
     refuse_unsafe_output(out_dir, input_folders(prepared))
+    fetch_hub_inputs(hub_inputs(prepared.plan), on_fetch)  # before the output is touched: a failed download loses nothing
     fp = fingerprint(prepared)
     with output_errors(out_dir):
         if fresh:
@@ -266,6 +291,10 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
         **figures,  # units_run, rss_waits (units the measured-RSS guard held back); a cluster's nodes and partitions
         "timeline": sampler.timeline,
     }
+    hub = hub_inputs(prepared.plan)
+    if hub:
+        profile["hub"] = {**traffic.figures(), "stream": any(h.stream for h in hub),
+                          "inputs": {str(h.snapshot.ref): h.snapshot.identity for h in hub}}
     with output_errors(out_dir, exit_code=1):
         (out_dir / STATE_DIR / "profile.json").write_text(json.dumps(profile))
         write_report(prepared.plan, out_dir / STATE_DIR / "report.json")
@@ -289,7 +318,8 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
 def write_report(plan: MergePlan, path: Path) -> None:
     """Every output tensor (merged or copied, from which models) and every input tensor left out, with
     why; a multi-stage recipe's stages."""
-    report = {"tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments, "warnings": plan.warnings}
+    report = {"inputs": input_identities(plan), "tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
+              "warnings": plan.warnings}
     if plan.stages:
         report["stages"] = plan.stages
     path.write_text(json.dumps(report, indent=1))

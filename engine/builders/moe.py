@@ -38,7 +38,7 @@ from ..recipe.schema import RECIPE_DTYPES
 from ...errors import MergeError
 from ..output.journal import STATE_DIR
 from ..plan.merge_plan import MergePlan, TensorTask, natural_key
-from ..inputs.paths import resolve_model_path
+from ..inputs.paths import open_source
 from ..recipe.load import parse_yaml_model
 from ..recipe.schema import InputModel, Recipe
 from ..schedule.scheduler import MAX_UNIT_BYTES
@@ -283,7 +283,7 @@ def prepare_moe(config_path: str | Path, out_dir: str | Path, budget: int | None
     config = parse_moe_config(text, str(config_path))
     experts, shared = config.experts, config.shared_experts or []
     labels = [config.base_model] + [e.source_model for e in experts + shared]
-    sources = {m: ModelSource(resolve_model_path(m, config_path.parent), label=m) for m in dict.fromkeys(labels)}
+    sources = {m: open_source(m, config_path.parent) for m in dict.fromkeys(labels)}
     base = sources[config.base_model]
     arch = choose_architecture(config, {m: _model_type(s) for m, s in sources.items()})
     layers = _layer_count(base)

@@ -217,6 +217,9 @@ class StageRows(ComputedRows):
     def aligned_inputs(self) -> tuple[TensorInfo, ...]:
         return tuple(info for _, info in self.task.all_inputs)
 
+    def stored_inputs(self) -> tuple[TensorInfo, ...]:
+        return self.aligned_inputs()
+
     def read_row_bytes(self) -> int:
         return sum(disk_row_bytes(info) for _, info in self.task.all_inputs)
 

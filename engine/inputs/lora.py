@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 
 from ...errors import MergeError
-from .paths import resolve_folder, resolve_model_path
-from .source import ModelSource, TensorInfo, read_rows, read_safetensors_header
+from .paths import locate_model, open_source
+from .source import TensorInfo, read_rows, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -106,12 +106,14 @@ class LoraAdapter:
 
 
 def resolve_adapter_path(adapter: str, recipe_dir: Path | None) -> Path:
-    """A LoRA adapter folder (or its weights file), by the rule for model paths (engine/inputs/paths.py)."""
-    path = Path(adapter)
-    if path.name == ADAPTER_WEIGHTS and not path.is_dir():
-        path = path.parent
-    return resolve_folder(f"LoRA adapter '{adapter}'", path, recipe_dir,
-                          f"adapters are local folders with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    """A LoRA adapter folder (or its weights file), by the rule for model paths (engine/inputs/paths.py);
+    a Hub adapter is fetched whole into the cache (its config and weights: small next to a model)."""
+    path = adapter.removesuffix("/" + ADAPTER_WEIGHTS) if adapter.endswith("/" + ADAPTER_WEIGHTS) and not Path(adapter).is_dir() else adapter
+    folder, snapshot = locate_model(path, recipe_dir, f"LoRA adapter '{adapter}'",
+                                    f"adapters are local folders with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, or Hub repo IDs")
+    if snapshot is not None:
+        snapshot.fetch([n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if snapshot.has(n)])
+    return folder
 
 
 def load_adapter(path: Path) -> LoraAdapter:
@@ -453,10 +455,10 @@ def open_model(model: str, recipe_dir: Path | None):
     """A recipe's model string: a folder, or 'BASE+ADAPTER[+ADAPTER2...]' (adapters applied in order)."""
     parts = model.split("+")
     if len(parts) == 1 or _is_folder(model, recipe_dir):
-        return ModelSource(resolve_model_path(model, recipe_dir), label=model)
+        return open_source(model, recipe_dir)
     k = next((k for k in range(len(parts) - 1, 0, -1) if _is_folder("+".join(parts[:k]), recipe_dir)), 1)
     base_name = "+".join(parts[:k])
-    source = ModelSource(resolve_model_path(base_name, recipe_dir), label=base_name)
+    source = open_source(base_name, recipe_dir)
     for adapter in parts[k:]:
         source = LoraSource(source, resolve_adapter_path(adapter, recipe_dir), label=f"{source.label}+{adapter}")
     return source

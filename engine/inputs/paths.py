@@ -1,8 +1,10 @@
-"""Where a folder a recipe names lies: the one rule for model and LoRA adapter paths.
+"""Where a model a recipe names lies: the one rule for model and LoRA adapter references.
 
 An absolute path is taken as it is; a relative one is looked up beside the recipe (relative to
 its folder) first, then in the working directory. A relative path that names a folder in both
-places, two different folders, is refused: which one was meant is not ours to guess.
+places, two different folders, is refused: which one was meant is not ours to guess. A reference
+that is no existing folder and reads as a Hub repo ID (`org/name[@revision]`) is a Hub model:
+its snapshot folder in the HF cache (engine/inputs/hub.py).
 
 Everything that opens a recipe's model folder (merge_plan, lora, moe, the CLI's output checks)
 resolves it here; this module imports only the error type, so any of them may use it.
@@ -13,6 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import MergeError
+from .hub import HubSnapshot, open_snapshot, parse_hub_ref
+from .source import ModelSource
 
 
 def resolve_folder(what: str, path: str | Path, recipe_dir: Path | None, hint: str) -> Path:
@@ -31,6 +35,41 @@ def resolve_folder(what: str, path: str | Path, recipe_dir: Path | None, hint: s
 
 
 def resolve_model_path(model: str, recipe_dir: Path | None) -> Path:
-    """A recipe's model folder (beside the recipe first, then the working directory)."""
-    return resolve_folder(f"model '{model}'", model, recipe_dir, "model paths are local folders (for the recipes in "
-                          "configs/, `mergeng examples DIR` makes the models they name)")
+    """A recipe's model folder (beside the recipe first, then the working directory, else a Hub snapshot)."""
+    return locate_model(model, recipe_dir)[0]
+
+
+def locate_model(model: str, recipe_dir: Path | None, what: str | None = None,
+                 hint: str = "model paths are local folders or Hub repo IDs (for the recipes in configs/, "
+                             "`mergeng examples DIR` makes the models they name)") -> tuple[Path, HubSnapshot | None]:
+    """A model reference -> (its folder, the Hub snapshot behind it or None for a local folder)."""
+    what = what or f"model '{model}'"
+    try:
+        return resolve_folder(what, model, recipe_dir, hint), None
+    except MergeError:
+        ref = parse_hub_ref(model)
+        if ref is None:
+            raise
+    try:
+        snapshot = open_snapshot(ref, what)
+    except MergeError as e:
+        reason = str(e).removeprefix(f"{what}: ")
+        raise MergeError(f"{what}: no folder of that name (beside the recipe or in the working directory), and {reason}",
+                         exit_code=e.exit_code) from None
+    return snapshot.path, snapshot
+
+
+def tokenizer_folder(choice: str, recipe_dir: Path | None) -> Path | None:
+    """`tokenizer_source: FOLDER_OR_REPO` that names no model of the recipe: a folder (the working
+    directory's, then beside the recipe), else a Hub repo's snapshot (its small files fetched); None if neither."""
+    for candidate in (Path(choice), (recipe_dir / choice) if recipe_dir else None):
+        if candidate is not None and candidate.is_dir():
+            return candidate
+    ref = parse_hub_ref(choice)
+    return open_snapshot(ref, f"recipe field 'tokenizer_source' ('{choice}')").path if ref is not None else None
+
+
+def open_source(model: str, recipe_dir: Path | None, label: str | None = None) -> ModelSource:
+    """The model a reference names, opened (headers only): a local folder or a Hub snapshot."""
+    path, snapshot = locate_model(model, recipe_dir)
+    return ModelSource(path, label=label or model, remote=snapshot)

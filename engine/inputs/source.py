@@ -29,15 +29,26 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise MergeError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise MergeError(f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes)")
-            header = json.loads(f.read(header_len))
+            raw = f.read(8)
+            if len(raw) == 8:
+                (header_len,) = struct.unpack("<Q", raw)
+                if header_len <= MAX_HEADER_BYTES and 8 + header_len <= size:
+                    raw += f.read(header_len)
     except OSError as e:
         raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_safetensors_header(path, raw, size)
+
+
+def parse_safetensors_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict]:
+    """A safetensors header from its bytes (the 8-byte length, then the JSON), for a file of `size`
+    bytes at `path`: a local file's, or a Hub file's read by ranged requests (engine/inputs/hub.py)."""
+    if len(raw) < 8:
+        raise MergeError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size or len(raw) < 8 + header_len:
+        raise MergeError(f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes)")
+    try:
+        header = json.loads(raw[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise MergeError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
@@ -101,6 +112,21 @@ def _pread_into(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
         done += n
 
 
+# Files of Hub models read by ranged requests (--stream): path in the HF cache's snapshot -> a reader with
+# read_into(view, pos, what). A file is read remotely only while it is not on disk.
+_remote_files: dict[Path, object] = {}
+
+
+def _read_remote(remote, info: TensorInfo, pos: int, nbytes: int, shape, as_dtype, start: int, stop: int) -> torch.Tensor:
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        remote.read_into(memoryview(buf.numpy()).cast("B"), pos, f"rows {start}-{stop} of '{info.name}'")
+    rows = buf.view(info.dtype).reshape(shape)
+    if info.patch is not None:
+        return info.patch.apply(rows, start, stop)
+    return rows if as_dtype is None or as_dtype == info.dtype else rows.to(as_dtype)
+
+
 def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None, as_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Read rows [start, stop) of a tensor into a fresh buffer (the whole tensor by default).
 
@@ -115,7 +141,13 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None, as_dtyp
     shape = ((stop - start),) + info.shape[1:] if info.shape else ()
     pos = info.offset + start * info.row_bytes
     nbytes = (stop - start) * info.row_bytes
-    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+    except FileNotFoundError:
+        remote = _remote_files.get(info.file)
+        if remote is None:
+            raise
+        return _read_remote(remote, info, pos, nbytes, shape, as_dtype, start, stop)
     try:
         if as_dtype is None or as_dtype == info.dtype or info.patch is not None:
             buf = torch.empty(nbytes, dtype=torch.uint8)  # not zero-filled: every byte is read into
@@ -173,6 +205,10 @@ class ComputedRows:
     def aligned_inputs(self) -> tuple[TensorInfo, ...]:
         """Inputs whose rows [a, b) a read of rows [a, b) reads (for read-ahead); () when rows move."""
         return ()
+
+    def stored_inputs(self) -> tuple[TensorInfo, ...]:
+        """Every tensor a read may read (which files a Hub model must fetch)."""
+        raise NotImplementedError
 
 
 def aligned_stored_inputs(infos) -> list[TensorInfo]:
@@ -240,6 +276,9 @@ class RowGather(ComputedRows):
     def origin(self) -> TensorInfo:
         return self.source
 
+    def stored_inputs(self) -> tuple[TensorInfo, ...]:
+        return (self.source, *(info for pairs in self.defaults for info, _ in pairs))
+
     def read_row_bytes(self) -> int:
         return disk_row_bytes(self.source)
 
@@ -306,27 +345,40 @@ def gather_rows(info: TensorInfo, rows: list[int]) -> torch.Tensor:
 
 
 class ModelSource:
-    """A local model folder: config.json plus model.safetensors or a sharded index."""
+    """A model folder: config.json plus model.safetensors or a sharded index. A Hub model's folder is
+    its snapshot in the HF cache (`remote`: engine/inputs/hub.py's HubSnapshot); what is not cached
+    there yet is listed by the repo and its headers are read by ranged requests."""
 
-    def __init__(self, path: str | Path, label: str | None = None):
+    def __init__(self, path: str | Path, label: str | None = None, remote=None):
         self.path = Path(path)
         self.label = label or str(path)
+        self.remote = remote
         if not self.path.is_dir():
             raise MergeError(f"model '{self.label}': folder not found ({self.path})")
         self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = {}
         self.files: list[Path] = []
         for file in self._weight_files():
+            name = file.relative_to(self.path).as_posix()
             if file.suffix == ".bin":
                 from .torch_bin import read_bin_header
 
+                if remote is not None and not file.exists():
+                    remote.fetch([name])  # .bin checkpoints are read as zip archives: fetched whole first
                 infos = read_bin_header(file)
-            else:
+            elif file.exists():
                 infos, _ = read_safetensors_header(file)
+            else:
+                infos, _ = parse_safetensors_header(file, remote.read_header(name), remote.size(name))
+                # read by ranged requests until fetched (--stream: always; else run_merge fetches it first)
+                _remote_files[file] = remote.remote(name)
             self.files.append(file)
             self.tensors.update(infos)
         if not self.tensors:
             raise MergeError(f"model '{self.label}': no tensors in {self.path}")
+
+    def _has(self, name: str) -> bool:
+        return (self.path / name).exists() or (self.remote is not None and self.remote.has(name))
 
     def _read_config(self) -> dict:
         cfg = self.path / "config.json"
@@ -341,33 +393,43 @@ class ModelSource:
         """model.safetensors[.index.json], else pytorch_model.bin[.index.json]."""
         for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
                                         ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            files = self._listed_files(self.path / index_name, self.path / single_name)
+            files = self._listed_files(self.path / index_name, single_name)
             if files:
                 return files
-        others = sorted(self.path.glob("*.safetensors"))
+        if self.remote is not None:
+            others = sorted(self.path / n for n in self.remote.files if "/" not in n and n.endswith(".safetensors"))
+        else:
+            others = sorted(self.path.glob("*.safetensors"))
         if others:
             return others
         raise MergeError(f"model '{self.label}': no model.safetensors, pytorch_model.bin or index in {self.path}")
 
-    def _listed_files(self, index: Path, single: Path) -> list[Path]:
+    def _listed_files(self, index: Path, single_name: str) -> list[Path]:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError):
                 raise MergeError(f"{index}: not a valid index (no weight_map)") from None
             files = list(dict.fromkeys(weight_map.values()))
-            missing = [f for f in files if not (self.path / f).exists()]
+            missing = [f for f in files if not self._has(f)]
             if missing:
                 raise MergeError(f"model '{self.label}': shard {missing[0]} listed in the index is missing")
             return [self.path / f for f in files]
-        return [single] if single.exists() else []
+        return [self.path / single_name] if self._has(single_name) else []
+
+    def file_size(self, file: Path) -> int:
+        if file.exists() or self.remote is None:
+            return file.stat().st_size
+        return self.remote.size(file.relative_to(self.path).as_posix())
 
     def fingerprint(self) -> str:
         """Digest of the weight files' names and sizes and every tensor's header entry, whatever
-        the file format: what a resumed run compares to detect changed inputs."""
+        the file format (and a Hub model's commit): what a resumed run compares to detect changed inputs."""
         h = hashlib.sha256()
+        if self.remote is not None:
+            h.update(self.remote.identity.encode())
         for f in self.files:
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            h.update(f"{f.name}:{self.file_size(f)}".encode())
         for name, info in self.tensors.items():
             h.update(f"{name}:{info.file.name}:{info.offset}:{info.dtype}:{info.shape}".encode())
         return h.hexdigest()

@@ -16,6 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
+from ..inputs.paths import tokenizer_folder
+from ..plan.hub_inputs import input_identity
 from ..plan.merge_plan import MergePlan
 
 TOKENIZER_FILES = (
@@ -38,8 +40,8 @@ def tokenizer_donor(plan: MergePlan) -> Path:
         return plan.sources[choice].path
     from ...errors import MergeError
 
-    path = Path(choice)
-    if not path.is_dir():
+    path = tokenizer_folder(choice, None)
+    if path is None:
         raise MergeError(f"recipe field 'tokenizer_source': '{choice}' is not 'base', a model of the recipe or a folder")
     return path
 
@@ -76,7 +78,8 @@ def write_output_files(plan: MergePlan, out_dir: Path, recipe_text: str, *, copy
 
 def model_card(plan: MergePlan, recipe_text: str) -> str:
     r = plan.recipe
-    inputs = "\n".join(f"- `{m}`" + (" (base)" if m == r.base_model else "") for m in plan.sources)
+    inputs = "\n".join(f"- `{m}`" + (f" (`{input_identity(src)}`)" if input_identity(src) else "")
+                       + (" (base)" if m == r.base_model else "") for m, src in plan.sources.items())
     return f"""---
 library_name: transformers
 tags:

@@ -24,6 +24,22 @@ from pathlib import Path
 STATE_DIR = ".mergeng"
 
 
+def recorded_fingerprint(out_dir: Path) -> dict | None:
+    """The fingerprint an earlier run recorded in `out_dir`, read without creating anything (None if none)."""
+    path = Path(out_dir) / STATE_DIR / "journal.sqlite"
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key='fingerprint'").fetchone()
+        finally:
+            db.close()
+        return json.loads(row[0]) if row else None
+    except (sqlite3.Error, json.JSONDecodeError):
+        return None
+
+
 class Journal:
     def __init__(self, out_dir: Path):
         self.dir = Path(out_dir) / STATE_DIR

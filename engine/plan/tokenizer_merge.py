@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...architectures.vocabulary import config_vocab_holders
 from ...errors import MergeError
+from ..inputs.paths import tokenizer_folder
 from ..inputs.source import RowGather, TensorInfo
 
 if TYPE_CHECKING:
@@ -261,7 +262,7 @@ def build_vocabulary(recipe: Recipe, sources: dict[str, ModelSource], base: str,
     elif choice in sources:
         out = load_tokenizer(sources[choice].path, f"model '{choice}'")
     else:
-        path = next((p for p in (Path(choice), (recipe_dir / choice) if recipe_dir else None) if p is not None and p.is_dir()), None)
+        path = tokenizer_folder(choice, recipe_dir)
         if path is None:
             raise MergeError(f"recipe field 'tokenizer_source': '{choice}' is not 'union', 'base', a model of the recipe or a folder")
         out = load_tokenizer(path, f"tokenizer_source '{choice}'")

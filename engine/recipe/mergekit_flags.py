@@ -22,7 +22,7 @@ MERGEKIT_OPTIONS: dict[str, str] = {
     "CONFIG_FILE OUT_PATH": "`mergeng run CONFIG_FILE OUT_PATH` (or `-o OUT_PATH`; both given and different is an error)",
     "--allow-crimes": "same: models whose config.json `architectures` differ are refused without it (a VLM also counts as its language model's architecture)",
     "--unsafe-truncate-embeddings": "same as `--truncate-vocab`",
-    "--transformers-cache": "accepted, no effect (note): models are local folders, nothing is downloaded",
+    "--transformers-cache": "same: the cache Hub models are fetched into (default: the HF cache, `HF_HUB_CACHE`/`HF_HOME`, shared with transformers)",
     "--lora-merge-cache": "accepted, no effect (note): LoRA adapters are applied at read time, nothing is cached",
     "--lora-merge-dtype": "accepted, no effect (note): LoRA products are computed in float32, the result takes the recipe's `dtype`",
     "--cuda": "refused, exit 2: mergeng computes on the CPU within `--ram` (`--no-cuda` is accepted)",
@@ -109,7 +109,6 @@ class MergekitFlags:
             ("--clone-tensors", self.clone_tensors, "every tensor is written into its own byte range anyway"),
             ("--async-write", self.async_write, "writes overlap compute on the worker threads anyway"),
             ("--write-threads", self.write_threads is not None, "--workers sets the threads that read, compute and write"),
-            ("--transformers-cache", self.transformers_cache is not None, "models are local folders, nothing is downloaded"),
             ("--lora-merge-cache", self.lora_merge_cache is not None, "LoRA adapters are applied at read time, nothing is cached"),
             ("--lora-merge-dtype", self.lora_merge_dtype is not None, "LoRA products are computed in float32, the result takes the recipe's dtype"),
         ):
