@@ -41,7 +41,7 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
             for note in notes:
                 console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
         mk.set_num_threads(flags.num_threads if flags else None)
-        hub = HubOptions(flags.transformers_cache if flags else None, stream, hub_pins(target))
+        hub = HubOptions(flags.transformers_cache if flags else None, stream, {} if fresh else hub_pins(target))
         options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
         sizes = (ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit))
         if executor_name(executor, address) == "ray":

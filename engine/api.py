@@ -4,7 +4,7 @@ A recipe is a path (a `pathlib.Path`, or a `str` without a newline), YAML text (
 newline), a dict, or a list of dicts (a multi-stage recipe's documents, as `---`-separated YAML). Model paths in a recipe file are relative to its folder first, then to the
 working directory; in text or a dict, to the working directory. Options take the CLI's names
 with underscores (`shard_size`, `workers`, `seed`, `strict`, `truncate_vocab`, `allow_crimes`,
-`copy_tokenizer`, `write_model_card`, `fresh`, `max_unit`) or mergekit's `MergeOptions` names
+`copy_tokenizer`, `write_model_card`, `fresh`, `max_unit`, `stream`) or mergekit's `MergeOptions` names
 (`out_shard_size`, `random_seed`, `unsafe_truncate_embeddings`, `cuda`, ...) with the same
 meaning as on the command line; an unknown option is an error.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import MergeError
 
 ALIASES = {"out_shard_size": "shard_size", "random_seed": "seed", "unsafe_truncate_embeddings": "truncate_vocab"}
-PLAN_OPTIONS = {"shard_size", "workers", "max_unit", "seed", "strict", "truncate_vocab", "allow_crimes"}
+PLAN_OPTIONS = {"shard_size", "workers", "max_unit", "seed", "strict", "truncate_vocab", "allow_crimes", "stream"}
 MERGE_OPTIONS = PLAN_OPTIONS | {"fresh", "copy_tokenizer", "write_model_card"}
 
 
@@ -35,12 +35,13 @@ def merge(recipe: str | Path | dict, out: str | Path, ram: int | str | None = No
     ram_budget_bytes, resumed, units_total, units_run, timeline, ..."""
     from .run import run_merge
 
-    prepared, given = _prepare(recipe, ram, options, MERGE_OPTIONS)
+    prepared, given = _prepare(recipe, ram, options, MERGE_OPTIONS, out)
     return run_merge(prepared, Path(out), given.get("fresh", False), copy_tokenizer=given.get("copy_tokenizer", True),
                      write_model_card=given.get("write_model_card", True))
 
 
-def _prepare(recipe, ram, options: dict, allowed: set[str]):
+def _prepare(recipe, ram, options: dict, allowed: set[str], out: str | Path | None = None):
+    from .inputs.hub import HubOptions
     from .recipe.mergekit_flags import MergekitFlags, parse_shard_size
     from .schedule.memory import parse_size
     from .run import prepare_recipe, prepare_stages
@@ -57,7 +58,11 @@ def _prepare(recipe, ram, options: dict, allowed: set[str]):
             flags[key] = value
         else:
             raise MergeError(f"option '{name}': unknown (options: {', '.join(sorted(allowed | set(ALIASES)))})")
-    MergekitFlags(**flags).check()  # cuda=True, device="cuda", ... are refused as on the command line
+    mergekit = MergekitFlags(**flags)
+    mergekit.check()  # cuda=True, device="cuda", ... are refused as on the command line
+    from .run import hub_pins
+
+    hub = HubOptions(mergekit.transformers_cache, bool(given.get("stream", False)), hub_pins(out) if out is not None and not given.get("fresh") else {})
     shard_size = given.get("shard_size", DEFAULT_SHARD_SIZE)
     max_unit = given.get("max_unit", MAX_UNIT_BYTES)
     parsed, text, folder = load_recipe_input(recipe)
@@ -67,7 +72,7 @@ def _prepare(recipe, ram, options: dict, allowed: set[str]):
         parse_shard_size(shard_size) if isinstance(shard_size, str) else shard_size, given.get("workers", 2),
         parse_size(max_unit, "max_unit") if isinstance(max_unit, str) else max_unit,
         seed=given.get("seed"), strict=given.get("strict", False), truncate_vocab=given.get("truncate_vocab", False),
-        allow_crimes=given.get("allow_crimes", False))
+        allow_crimes=given.get("allow_crimes", False), hub=hub)
     return prepared, given
 
 

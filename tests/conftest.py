@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# No test reaches the internet: a model reference that is no folder goes to a Hub that refuses at once
+# (the discard port), tokens and caches of whoever runs the suite are not seen. Hub tests start their own
+# stand-in (tests/hub_server.py) and point HF_ENDPOINT at it.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mergeng-test-hf-")
+for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.pop(_name, None)
 
 from mergeng.cli.tiny_models import TINY, make_llama
 

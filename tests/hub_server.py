@@ -9,8 +9,8 @@ It speaks the part of the Hub's protocol huggingface_hub 2.4.0 and mergeng use (
 - `GET /cdn/{sha256}` on the second port         the blob, with `Range` -> 206 + Content-Range
 A repo is a folder frozen at `add_repo` into a commit (its files copied); `move_branch` makes a new commit.
 Gated repos answer 401 GatedRepo to any file request without the right bearer token. Faults a test can turn
-on: `ignore_range` (200 with the whole body), `wrong_range` (206 with bytes from elsewhere), `drop_after`
-(close the connection after that many body bytes of a ranged read). Every request is logged.
+on: `ignore_range` (200 with the whole body), `wrong_range` (206 with the bytes of another range, and its Content-Range), `drop_after`
+(close the connection after that many body bytes of a ranged read past a file's first byte: rows, not headers). Every request is logged.
 """
 
 from __future__ import annotations
@@ -130,8 +130,12 @@ class FakeHub:
                 self.rfile.read(length)
                 hub._reply(self, 404, {}, b"", head=False)
 
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that hung up (a refused or cut read): not news
+                pass
+
         for _ in range(2):
-            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            server = Server(("127.0.0.1", 0), Handler)
             server.daemon_threads = True
             threading.Thread(target=server.serve_forever, daemon=True).start()
             self._servers.append(server)
@@ -246,11 +250,11 @@ class FakeHub:
         start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
         start = int(start_s)
         end = min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
+        if self.wrong_range:  # bytes from one further on, labelled as such
+            start, end = start + 1, min(end + 1, len(data) - 1)
         body = data[start:end + 1]
-        if self.wrong_range:
-            body = data[:len(body)] if start else data[1:len(body) + 1]
         headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
-        if self.drop_after is not None and not head and len(body) > self.drop_after:
+        if self.drop_after is not None and not head and len(body) > self.drop_after and start > 0:
             h.send_response(206)
             for k, v in headers.items():
                 h.send_header(k, v)

@@ -248,7 +248,8 @@ class Executor:
         self._drain(pending)
         self._commit(pending, remaining)
         for fd in self._prefetch_fds.values():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         if error is not None:
             raise error
 
@@ -289,8 +290,13 @@ class Executor:
             with self._lock:
                 fd = self._prefetch_fds.get(info.file)
                 if fd is None:
-                    fd = self._prefetch_fds[info.file] = os.open(info.file, os.O_RDONLY)
-            os.posix_fadvise(fd, info.offset + unit.row_start * info.row_bytes, unit.rows * info.row_bytes, os.POSIX_FADV_WILLNEED)
+                    try:
+                        fd = self._prefetch_fds[info.file] = os.open(info.file, os.O_RDONLY)
+                    except FileNotFoundError:  # a Hub file read by ranged requests (--stream): nothing to advise
+                        fd = self._prefetch_fds[info.file] = -1
+            if fd >= 0:
+                os.posix_fadvise(fd, info.offset + unit.row_start * info.row_bytes, unit.rows * info.row_bytes,
+                                 os.POSIX_FADV_WILLNEED)
 
     def _tensor_statistics(self, unit: WorkUnit) -> TensorStatistics:
         """The statistics state of a chunked tensor, made when its first unit starts."""

@@ -125,6 +125,9 @@ def using_hub(options: HubOptions | None) -> Iterator[None]:
         yield
         return
     previous = dict(_overrides)
+    traffic.reset()  # a run's figures count its own requests
+    with _snapshots_lock:
+        _snapshots.clear()  # a run resolves its references afresh: a branch may have moved since the last
     _overrides.update(cache_dir=Path(options.transformers_cache).expanduser() if options.transformers_cache else None,
                       stream=options.stream, pins=dict(options.pins))
     try:
@@ -143,6 +146,10 @@ class Traffic:
         self.bytes = 0
         self.fetched_files = 0
         self.fetched_bytes = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = self.bytes = self.fetched_files = self.fetched_bytes = 0
 
     def add(self, requests: int = 0, nbytes: int = 0) -> None:
         with self._lock:
@@ -175,6 +182,7 @@ class HubSnapshot:
         self.ref, self.commit, self.files, self.path, self.hub = ref, commit, files, path, hub
         self.moved_to = moved_to  # where the branch points now, when a pin kept an older commit
         self._remote: dict[str, RemoteFile] = {}
+        self._headers: dict[str, bytes] = {}  # read once per process (a plan, then its run, open models again)
         self._lock = threading.Lock()
 
     @property
@@ -204,6 +212,11 @@ class HubSnapshot:
 
     def read_header(self, name: str) -> bytes:
         """The 8-byte length and JSON header of a safetensors file that is not cached, by ranged reads."""
+        if name not in self._headers:
+            self._headers[name] = self._read_header(name)
+        return self._headers[name]
+
+    def _read_header(self, name: str) -> bytes:
         remote = self.remote(name)
         first = min(HEADER_PROBE, remote.size)
         probe = bytearray(first)
@@ -248,17 +261,15 @@ def open_snapshot(ref: HubRef, what: str) -> HubSnapshot:
     snapshot = HubSnapshot(ref, commit, files, folder / "snapshots" / commit, hub, moved_to)
     snapshot.path.mkdir(parents=True, exist_ok=True)
     if not hub.offline:
+        rev = ref.revision or "main"
+        if not _SHA.match(rev):  # as huggingface_hub does: refs/<branch or tag> -> commit, for offline runs and transformers
+            (folder / "refs" / rev).parent.mkdir(parents=True, exist_ok=True)
+            (folder / "refs" / rev).write_text(moved_to or commit)
         small = [n for n in files if "/" not in n and n.endswith(SMALL_SUFFIXES) and not n.endswith(WEIGHT_SUFFIXES)]
         snapshot.fetch(small)
     with _snapshots_lock:
         _snapshots[key] = snapshot
     return snapshot
-
-
-def open_snapshots() -> list[HubSnapshot]:
-    """Every snapshot this process has opened (a plan's files are matched to them by folder)."""
-    with _snapshots_lock:
-        return list(dict.fromkeys(_snapshots.values()))
 
 
 def repo_folder(cache_dir: Path, repo_id: str) -> Path:

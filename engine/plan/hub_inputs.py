@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..inputs.hub import HubSnapshot, open_snapshots
+from ..inputs.hub import HubSnapshot
 from ..inputs.source import ComputedRows
 from ..inputs.tensor_info import TensorInfo
 from .merge_plan import MergePlan
@@ -56,11 +56,28 @@ def read_files(plan: MergePlan) -> set[Path]:
     return files
 
 
+def plan_snapshots(sources: dict) -> list[HubSnapshot]:
+    """The Hub snapshots behind a plan's sources: through LoRA overlays (`base`) and multi-stage
+    intermediates (`upstream`) to the stored models."""
+    found: dict[int, HubSnapshot] = {}
+    for src in sources.values():
+        upstream = getattr(src, "upstream", None)
+        if upstream:
+            for snapshot in plan_snapshots(upstream):
+                found.setdefault(id(snapshot), snapshot)
+        while src is not None:
+            remote = getattr(src, "remote", None)
+            if remote is not None:
+                found.setdefault(id(remote), remote)
+            src = getattr(src, "base", None)
+    return list(found.values())
+
+
 def hub_inputs(plan: MergePlan) -> list[HubInput]:
     """Per Hub model the plan reads from: the files and bytes it reads, and what is cached."""
     files = read_files(plan)
     out = []
-    for snapshot in open_snapshots():
+    for snapshot in plan_snapshots(plan.sources):
         names = sorted(f.relative_to(snapshot.path).as_posix() for f in files if f.is_relative_to(snapshot.path))
         if not names:
             continue
