@@ -132,7 +132,6 @@ slices:
     ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {source: union, pad_to_multiple: 64}", "'tokenizer.pad_to_multiple': unknown field"),
     ("merge_method: linear\nmodels: [{model: a}]\ntokenizer: {tokens: {x: {source: {kind: zero}, forse: true}}}", "'tokenizer.tokens.x.forse': unknown field"),
     ("merge_method: linear\nmodels: [{model: a}]\nmodules: {}", "exactly one of 'models', 'slices' or 'modules'"),
-    ("merge_method: linear\nmodels:\n  - model: a\n    weight: 0.5", "'models[0].weight': 'weight' is a merge parameter; write it inside 'parameters:'"),
     ("merge_method: linear\nmodels: [{model: a}]\nexlude: ['lm_head*']", "'exlude': unknown field; did you mean 'exclude'?"),
     ("merge_method: linear\nmodels: [{model: a, parameters: {weight: {filer: mlp, value: 1}}}]", "models[0].parameters.weight"),
 ])
@@ -344,3 +343,17 @@ def test_plan_text_and_json_show_every_warning(tmp_path, tiny_models):
         assert " ".join(w.split()) in flat
     strict = cli("run", recipe, "-o", tmp_path / "o", "--strict")
     assert strict.exit_code == 2 and "--strict" in strict.output
+
+
+@pytest.mark.parametrize("text, field", [
+    ("merge_method: sce\nbase_model: a\nselect_topk: 0.5\nmodels: [{model: a}, {model: b}]", "select_topk"),
+    ("merge_method: multislerp\nint8_mask: true\nmodels: [{model: a}, {model: b}]", "int8_mask"),
+    ("merge_method: linear\nmodels:\n  - model: a\n    weight: 0.5", "models[0].weight"),
+])
+def test_a_merge_parameter_outside_parameters_is_ignored_as_mergekit_ignores_it_and_said(text, field):
+    """Published recipes put method parameters beside merge_method; mergekit ignored them, so the published
+    models were made without them: the recipe runs as its author ran it, with a warning (--strict refuses)."""
+    recipe = parse_recipe(text)
+    said = [w for w in recipe.parse_warnings if f"'{field}'" in w]
+    assert len(said) == 1 and "ignored as mergekit ignores it" in said[0] and "parameters:" in said[0]
+    assert not recipe.parameters or field.split(".")[-1] not in recipe.parameters

@@ -91,9 +91,11 @@ def recipe_key_warnings(recipe: Recipe, origin: str) -> list[str]:
             field = f"{path}.{key}" if path else key
             if not path and key in REFUSED_KEYS:
                 raise MergeError(f"{origin}: recipe field '{field}': {REFUSED_KEYS[key]}")
-            if key in parameters:
-                raise MergeError(f"{origin}: recipe field '{field}': '{key}' is a merge parameter; "
-                                 f"write it inside 'parameters:' ({path + '.' if path else ''}parameters: {{{key}: ...}})")
+            if key in parameters:  # mergekit ignores it, so published models were made without it: so do we, aloud
+                warnings.append(f"recipe field '{field}': '{key}' is a merge parameter outside 'parameters:', ignored as "
+                                f"mergekit ignores it; to have it take effect write {path + '.' if path else ''}parameters: "
+                                f"{{{key}: ...}}")
+                continue
             guess = _did_you_mean(key, known)
             if guess in MERGE_FIELDS:
                 raise MergeError(f"{origin}: recipe field '{field}': unknown field; did you mean '{guess}'? "
