@@ -185,12 +185,13 @@ def verify(
 
 @app.command("fill-missing")
 def fill_missing(
-    donor: Path = typer.Option(..., "--donor", help="The complete model (e.g. a VLM) whose files and other tensors are kept."),
-    part: Path = typer.Option(..., "--part", help="The model whose tensors replace the donor's (e.g. a fine-tuned language model)."),
+    donor: str = typer.Option(..., "--donor", help="The complete model (e.g. a VLM) whose files and other tensors are kept: a folder or Hub repo ID."),
+    part: str = typer.Option(..., "--part", help="The model whose tensors replace the donor's (e.g. a fine-tuned language model): a folder or Hub repo ID."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     ram: Optional[str] = RamOption,
     shard_size: str = ShardSizeOption,
     fresh: bool = FreshOption,
+    stream: bool = StreamOption,
     debug: bool = DebugOption,
 ):
     """Write DONOR with every tensor PART also has replaced by PART's (names aligned across layouts).
@@ -199,9 +200,11 @@ def fill_missing(
     """
     from ..engine.builders.fill_missing import build_fill_missing_plan, fill_missing_recipe_text
     from ..engine.execute.prepared import prepare_plan
+    from ..engine.inputs.hub import HubOptions, using_hub
 
     try:
-        plan = build_fill_missing_plan(donor, part)
+        with using_hub(HubOptions(stream=stream)):
+            plan = build_fill_missing_plan(donor, part)
         prepared = prepare_plan(plan, fill_missing_recipe_text(donor, part), ram_budget(ram), shard_bytes(shard_size))
         execute(prepared, out_dir, fresh)
     except Exception as e:  # noqa: BLE001

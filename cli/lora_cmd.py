@@ -17,7 +17,8 @@ from rich.table import Column, Table
 
 from .console import console, fail, out
 from .execute import run_recipe
-from .options import HELP_OPTIONS, DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption, ram_budget
+from .options import (HELP_OPTIONS, DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, StreamOption, WorkersOption,
+                      ram_budget)
 
 lora_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                        help="Apply LoRA adapters to a base model, or extract one from a fine-tune.")
@@ -25,26 +26,28 @@ lora_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_except
 
 @lora_app.command()
 def apply(
-    base: Path = typer.Option(..., "--base", help="Base model folder."),
-    adapter: List[Path] = typer.Option(..., "--adapter", help="PEFT adapter folder; repeat to stack adapters (applied in order)."),
+    base: str = typer.Option(..., "--base", help="Base model folder or Hub repo ID."),
+    adapter: List[str] = typer.Option(..., "--adapter", help="PEFT adapter folder or Hub repo ID; repeat to stack adapters (applied in order)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     ram: Optional[str] = RamOption,
     shard_size: str = ShardSizeOption,
     workers: int = WorkersOption,
     fresh: bool = FreshOption,
     max_unit: Optional[str] = MaxUnitOption,
+    stream: bool = StreamOption,
     debug: bool = DebugOption,
 ):
     """Merge LoRA adapter(s) into a base model: BASE + scale·B@A per tensor, streamed.
 
     Example: mergeng lora apply --base models/llama --adapter adapters/chat -o merged/llama-chat --ram 2G
     """
-    model = "+".join(str(p.resolve()) for p in [base, *adapter])
+    model = "+".join(str(Path(p).resolve()) if Path(p).exists() else p for p in [base, *adapter])
     with tempfile.TemporaryDirectory(prefix="mergeng-lora-") as tmp:
         # the recipe text is part of the resume fingerprint: the same command resumes
         recipe = Path(tmp) / "lora-apply.yml"
         recipe.write_text(f"merge_method: passthrough\nmodels:\n  - model: {_yaml_str(model)}\n")
-        run_recipe(recipe, out_dir=out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, max_unit=max_unit, debug=debug)
+        run_recipe(recipe, out_dir=out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, max_unit=max_unit, debug=debug,
+                   stream=stream)
 
 
 def _yaml_str(text: str) -> str:

@@ -13,8 +13,8 @@ import typer
 
 from .console import fail
 from .execute import execute
-from .options import (DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, WorkersOption, max_unit_bytes, ram_budget,
-                      shard_bytes)
+from .options import (DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, StreamOption, WorkersOption,
+                      max_unit_bytes, ram_budget, shard_bytes)
 
 
 def moe(
@@ -26,6 +26,7 @@ def moe(
     workers: int = WorkersOption,
     fresh: bool = FreshOption,
     max_unit: Optional[str] = MaxUnitOption,
+    stream: bool = StreamOption,
     debug: bool = DebugOption,
 ):
     """Build a Mixtral / Qwen2-MoE / Qwen3-MoE model from dense experts, under the RAM budget.
@@ -33,11 +34,13 @@ def moe(
     Example: mergeng moe configs/moe.yml -o merged/moe --ram 2G
     """
     from ..engine.builders.moe import prepare_moe
+    from ..engine.inputs.hub import HubOptions, using_hub
 
     try:
-        _refuse_output_over_inputs(config, out_dir)
-        prepared, build = prepare_moe(config, out_dir, ram_budget(ram), seed, shard_bytes(shard_size), workers,
-                                      max_unit_bytes(max_unit), fresh)
+        with using_hub(HubOptions(stream=stream)):
+            _refuse_output_over_inputs(config, out_dir)
+            prepared, build = prepare_moe(config, out_dir, ram_budget(ram), seed, shard_bytes(shard_size), workers,
+                                          max_unit_bytes(max_unit), fresh)
         execute(prepared, out_dir, fresh=False, done=f"built {build.architecture.hf_class}", earlier_peak=build.gate_peak_rss)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
         fail(e, debug)

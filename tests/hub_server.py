@@ -17,21 +17,38 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import socket
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+BIG = 64 << 20  # files past this are not hashed (benchmark shards, sparse 70B-shaped files): their etag stands in
+
+
+def _stand_in_oid(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha1(f"{path.name}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RepoFile:
+    path: Path  # the frozen copy on disk
+    size: int
+    oid: str  # git blob sha1
+    sha256: str | None  # LFS files (weights) only
 
 
 @dataclass
 class Commit:
     sha: str
-    files: dict[str, Path]  # repo path -> frozen copy on disk
+    files: dict[str, RepoFile]  # repo path -> file
 
 
 @dataclass
@@ -42,8 +59,12 @@ class Repo:
     gated: bool = False
 
 
-def _git_sha1(data: bytes) -> str:
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+def _git_sha1(path: Path) -> str:
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -59,7 +80,9 @@ class FakeHub:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.repos: dict[str, Repo] = {}
-        self.blobs: dict[str, Path] = {}  # sha256 -> file
+        self.blobs: dict[str, RepoFile] = {}  # sha256 -> file
+        self.rate: float | None = None  # bytes per second over all connections (benchmarks)
+        self._next_send = 0.0
         self.token = token
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, range)
         self.ignore_range = False
@@ -87,20 +110,29 @@ class FakeHub:
         folder = Path(folder)
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in skip
                        and ".mergeng" not in p.parts)
+        oids = {p: _git_sha1(p) if p.stat().st_size <= BIG else _stand_in_oid(p) for p in files}
         h = hashlib.sha1(repo.repo_id.encode() + str(len(repo.commits)).encode())
         for p in files:
-            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+            h.update(p.relative_to(folder).as_posix().encode() + oids[p].encode())
         sha = h.hexdigest()
         frozen = self.root / "commits" / sha
-        copied: dict[str, Path] = {}
+        copied: dict[str, RepoFile] = {}
         for p in files:
             rel = p.relative_to(folder).as_posix()
             dest = frozen / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, dest)
-            copied[rel] = dest
-            if rel.endswith(WEIGHT_SUFFIXES):
-                self.blobs[_sha256(dest)] = dest
+            if p.stat().st_size > BIG:  # big weights (benchmarks, sparse 70B shapes): a hard link where allowed
+                try:
+                    os.link(p, dest)
+                except OSError:
+                    shutil.copyfile(p, dest)
+            else:
+                shutil.copyfile(p, dest)
+            lfs = (_sha256(dest) if dest.stat().st_size <= BIG else hashlib.sha256(oids[p].encode()).hexdigest()) \
+                if rel.endswith(WEIGHT_SUFFIXES) else None
+            copied[rel] = RepoFile(dest, dest.stat().st_size, oids[p], lfs)
+            if lfs:
+                self.blobs[lfs] = copied[rel]
         repo.commits[sha] = Commit(sha, copied)
         repo.refs[branch] = sha
         return sha
@@ -204,10 +236,9 @@ class FakeHub:
                 return self._error(h, 404, "RevisionNotFound", head)
             entries = []
             for name, file in sorted(commit.files.items()):
-                size = file.stat().st_size
-                entry = {"type": "file", "path": name, "size": size, "oid": _git_sha1(file.read_bytes())}
-                if name.endswith(WEIGHT_SUFFIXES):
-                    entry["lfs"] = {"oid": _sha256(file), "size": size, "pointerSize": 134}
+                entry = {"type": "file", "path": name, "size": file.size, "oid": file.oid}
+                if file.sha256:
+                    entry["lfs"] = {"oid": file.sha256, "size": file.size, "pointerSize": 134}
                 entries.append(entry)
             return self._reply(h, 200, {"Content-Type": "application/json"}, json.dumps(entries).encode(), head)
         self._error(h, 404, "EntryNotFound", head)
@@ -227,50 +258,73 @@ class FakeHub:
         file = commit.files.get(name)
         if file is None:
             return self._error(h, 404, "EntryNotFound", head, commit.sha)
-        size = file.stat().st_size
-        if name.endswith(WEIGHT_SUFFIXES):
-            oid = _sha256(file)
-            headers = {"X-Repo-Commit": commit.sha, "X-Linked-Etag": f'"{oid}"', "X-Linked-Size": str(size),
-                       "ETag": f'"{_git_sha1(b"pointer" + oid.encode())}"', "Location": f"{self.cdn}/cdn/{oid}"}
+        if file.sha256:
+            headers = {"X-Repo-Commit": commit.sha, "X-Linked-Etag": f'"{file.sha256}"', "X-Linked-Size": str(file.size),
+                       "ETag": f'"{file.oid}"', "Location": f"{self.cdn}/cdn/{file.sha256}"}
             return self._reply(h, 302, headers, b"", head)
-        data = file.read_bytes()
-        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{_git_sha1(data)}"', "Accept-Ranges": "bytes"}
-        self._send_file(h, data, h.headers.get("Range"), headers, head)
+        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{file.oid}"', "Accept-Ranges": "bytes"}
+        self._send_file(h, file, h.headers.get("Range"), headers, head)
 
     def _serve_blob(self, h, path: str, rng: str | None, head: bool) -> None:
         oid = path.rsplit("/", 1)[-1]
         file = self.blobs.get(oid)
         if file is None:
             return self._reply(h, 404, {}, b"no such blob", head)
-        self._send_file(h, file.read_bytes(), rng, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}, head)
+        self._send_file(h, file, rng, {"ETag": f'"{oid}"', "Accept-Ranges": "bytes"}, head)
 
-    def _send_file(self, h, data: bytes, rng: str | None, headers: dict, head: bool) -> None:
-        if rng is None or self.ignore_range:
-            return self._reply(h, 200, headers, data, head)
-        start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
-        start = int(start_s)
-        end = min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
-        if self.wrong_range:  # bytes from one further on, labelled as such
-            start, end = start + 1, min(end + 1, len(data) - 1)
-        body = data[start:end + 1]
-        headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
-        if self.drop_after is not None and not head and len(body) > self.drop_after and start > 0:
-            h.send_response(206)
-            for k, v in headers.items():
-                h.send_header(k, v)
-            h.send_header("Content-Length", str(len(body)))
-            h.end_headers()
-            h.wfile.write(body[:self.drop_after])
-            h.wfile.flush()
-            h.connection.shutdown(socket.SHUT_RDWR)
-            h.close_connection = True
+    def _send_file(self, h, file: RepoFile, rng: str | None, headers: dict, head: bool) -> None:
+        """The file, or the asked range of it, read from disk in pieces (at `rate` when set)."""
+        start, end, status = 0, file.size - 1, 200
+        if rng is not None and not self.ignore_range:
+            start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
+            start, end, status = int(start_s), min(int(end_s) if end_s else file.size - 1, file.size - 1), 206
+            if self.wrong_range:  # bytes from one further on, labelled as such
+                start, end = start + 1, min(end + 1, file.size - 1)
+            headers = {**headers, "Content-Range": f"bytes {start}-{end}/{file.size}"}
+        length = end - start + 1
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(length))
+        h.end_headers()
+        if head:
             return
-        self._reply(h, 206, headers, body, head)
+        cut = self.drop_after if self.drop_after is not None and status == 206 and length > self.drop_after and start > 0 else None
+        with open(file.path, "rb") as f:
+            f.seek(start)
+            sent = 0
+            while sent < length:
+                piece = f.read(min(1 << 20, length - sent, cut - sent if cut is not None else 1 << 20))
+                self._throttle(len(piece))
+                h.wfile.write(piece)
+                sent += len(piece)
+                if cut is not None and sent >= cut:
+                    h.wfile.flush()
+                    h.connection.shutdown(socket.SHUT_RDWR)
+                    h.close_connection = True
+                    return
+
+    def _throttle(self, nbytes: int) -> None:
+        """One link of `rate` bytes/s shared by every connection."""
+        if not self.rate:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_send)
+            self._next_send = start + nbytes / self.rate
+        if start > now:
+            time.sleep(start - now)
 
 
-def serve_forever(root: Path, repos: dict[str, Path]) -> None:  # pragma: no cover - manual use and benchmarks
+def serve_forever(root: Path, repos: dict[str, Path], rate: float | None = None) -> None:  # pragma: no cover
+    """Serve `repos` until killed; prints the endpoint (benchmarks/bench_hub.py runs it as its own process)."""
     hub = FakeHub(root)
     for repo_id, folder in repos.items():
         hub.add_repo(repo_id, folder)
+    hub.rate = rate
     print(hub.start(), flush=True)
     threading.Event().wait()
+
+
+if __name__ == "__main__":  # python tests/hub_server.py ROOT RATE_BYTES_PER_S org/name=FOLDER ...
+    serve_forever(Path(sys.argv[1]), dict(arg.split("=", 1) for arg in sys.argv[3:]), float(sys.argv[2]) or None)

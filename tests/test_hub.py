@@ -17,7 +17,7 @@ from conftest import write_recipe
 from helpers import cli
 from hub_server import FakeHub
 
-from mergeng.cli.tiny_models import LlamaShape, make_llama
+from mergeng.cli.tiny_models import LLAMA3_70B, LlamaShape, make_llama, make_sparse_llama
 
 RECIPE = """merge_method: ties
 base_model: {base}
@@ -109,7 +109,7 @@ def test_plan_reads_headers_only_and_says_what_it_will_fetch(hub, hf, tmp_path):
     gets = weight_gets(hub)
     assert gets, "headers are read by ranged requests"
     for _, _, rng in gets:  # every weight-file request is a ranged header read, never the file
-        assert rng is not None and rng.startswith("bytes=0-")
+        assert rng is not None and (rng == "bytes=0-7" or rng.startswith("bytes=8-"))
     assert not any((hf / "models--org--a" / "blobs").glob("*")) or all(
         p.stat().st_size < 50_000 for p in (hf / "models--org--a" / "blobs").iterdir())  # only json files cached
 
@@ -305,7 +305,7 @@ def test_a_path_never_goes_to_the_hub(tmp_path):
     assert "no folder of that name" not in result.output and "does not answer" not in result.output
 
 
-def test_a_shard_header_longer_than_the_first_probe_is_read_in_two_requests(hub, hf, tmp_path):
+def test_a_header_is_read_exactly_its_length_then_itself(hub, hf, tmp_path):
     many = make_llama(tmp_path / "many", LlamaShape(16, 80, 2, 1, 16, 32), variant=0)
     header = int.from_bytes((many / "model.safetensors").read_bytes()[:8], "little")
     assert header > 64 * 1024
@@ -315,4 +315,29 @@ def test_a_shard_header_longer_than_the_first_probe_is_read_in_two_requests(hub,
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["tensors"] == 80 * 9 + 3
     ranges = [r for _, _, r in weight_gets(hub)]
-    assert ranges == ["bytes=0-65535", f"bytes=65536-{8 + header - 1}"]
+    assert ranges == ["bytes=0-7", f"bytes=8-{8 + header - 1}"]
+
+
+def test_plan_of_three_70b_repos_answers_in_seconds_fetching_no_weight_byte(hub, hf, tmp_path):
+    """Sparse files of Llama-3-70B's shapes (headers, then holes): the plan reads each shard's header only."""
+    import time
+
+    for k in range(3):
+        hub.add_repo(f"big/llama70b-{k}", make_sparse_llama(tmp_path / f"m{k}", LLAMA3_70B))
+    hub.log.clear()
+    recipe = write_recipe(tmp_path, "merge_method: ties\nbase_model: big/llama70b-0\nmodels:\n"
+                          + "".join(f"  - model: big/llama70b-{k}\n    parameters: {{weight: 0.5, density: 0.5}}\n" for k in (1, 2))
+                          + "dtype: bfloat16\n")
+    start = time.perf_counter()
+    result = cli("plan", recipe, "--ram", "64G", "--format", "json")
+    seconds = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["tensors"] == 80 * 9 + 3 and sum(h["fetch_bytes"] for h in summary["hub"]) > 3 * 130 * 10**9
+    gets = weight_gets(hub)
+    assert gets and all(rng is not None for _, _, rng in gets)
+    header_bytes = sum(8 + int.from_bytes(p.open("rb").read(8), "little") for k in range(3)
+                       for p in (tmp_path / f"m{k}").glob("*.safetensors"))
+    fetched = sum(int(r.split("-")[1]) - int(r.split("=")[1].split("-")[0]) + 1 for _, _, r in gets)
+    assert fetched == header_bytes  # exactly the headers: not one weight byte
+    assert seconds < 60, seconds

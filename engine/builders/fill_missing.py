@@ -14,18 +14,19 @@ from ...architectures.alignment import align
 from ...errors import MergeError
 from ..plan.merge_plan import MergePlan, PlanBuilder
 from ..recipe.load import Recipe
-from ..inputs.source import ModelSource
+from ..inputs.paths import open_source
 
 
-def fill_missing_recipe_text(donor: Path, part: Path) -> str:
+def fill_missing_recipe_text(donor: str | Path, part: str | Path) -> str:
     return f"# mergeng fill-missing\nmerge_method: passthrough\nbase_model: {donor}\nmodels:\n  - model: {donor}\nfill_from: {part}\n"
 
 
-def build_fill_missing_plan(donor_path: Path, part_path: Path) -> MergePlan:
+def build_fill_missing_plan(donor_path: str | Path, part_path: str | Path) -> MergePlan:
+    """DONOR's tensors, those PART also has taken from PART; either a folder or a Hub repo ID."""
     donor_label, part_label = str(donor_path), str(part_path)
     if donor_label == part_label:
         raise MergeError("--donor and --part are the same folder")
-    sources = {donor_label: ModelSource(donor_path, label=donor_label), part_label: ModelSource(part_path, label=part_label)}
+    sources = {donor_label: open_source(donor_label, None), part_label: open_source(part_label, None)}
     recipe = Recipe(merge_method="passthrough", models=[{"model": donor_label}], base_model=donor_label)
     builder = PlanBuilder(recipe, sources)
     donor_shapes = {n: i.shape for n, i in sources[donor_label].tensors.items()}

@@ -34,6 +34,7 @@ from ...errors import MergeError
 from ..schedule.memory import HEAP_BUFFER_LIMIT, HEAP_SLACK, current_rss, format_size, trim_heap
 from .partitions import Partition, describe_nodes, make_partitions, require_room
 from ..execute.prepared import Prepared
+from ..plan.hub_inputs import hub_inputs
 from ..run import fingerprint, prepare
 from ..schedule.scheduler import make_schedule
 
@@ -140,6 +141,16 @@ def cluster_nodes() -> dict[str, tuple[str, int]]:
     return nodes
 
 
+def refuse_unfetched_hub_inputs(prepared: Prepared) -> None:
+    """Tasks read their inputs where they run: a Hub model must be in an HF cache every node sees."""
+    for h in hub_inputs(prepared.plan):
+        if h.stream or h.to_fetch:
+            how = "--stream" if h.stream else f"{len(h.to_fetch)} of its files are not in the HF cache"
+            raise MergeError(f"--executor ray: model '{h.snapshot.ref}' is on the Hub ({how}); Ray tasks read inputs from a "
+                             "filesystem every node sees: fetch it first (mergeng run without --executor, or `hf download`) "
+                             "into an HF cache on such a filesystem (HF_HUB_CACHE), then run again")
+
+
 def plan_on_ray(recipe: str | Path, budget: int | None, shard_size: int, workers: int, max_unit_bytes: int, *,
                 address: str | None = None, out_dir: Path | None = None, **options) -> RayPlan:
     """The driver's plan, checked on every node, cut into partitions that fit the nodes' memory.
@@ -148,6 +159,7 @@ def plan_on_ray(recipe: str | Path, budget: int | None, shard_size: int, workers
     connect(address)
     args = RecipeArgs(str(Path(recipe).absolute()), os.getcwd(), budget, shard_size, workers, max_unit_bytes, options)
     prepared = args.prepare()
+    refuse_unfetched_hub_inputs(prepared)
     nodes = cluster_nodes()
     if not nodes:
         raise MergeError("the Ray cluster has no node with a CPU to run tasks on; start nodes with --num-cpus 1 or more")

@@ -42,7 +42,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5
 # files fetched as soon as a repo is resolved: what config.json, tokenizers, processors and chat templates
 # are made of (top-level only; never a weight)
 SMALL_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
-HEADER_PROBE = 64 * 1024  # first ranged read of a header: its length and, usually, all of it
 RETRIES = 5
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -217,22 +216,20 @@ class HubSnapshot:
         return self._headers[name]
 
     def _read_header(self, name: str) -> bytes:
+        """Two exact ranged reads, the length then the header: no byte of a weight is fetched."""
         remote = self.remote(name)
-        first = min(HEADER_PROBE, remote.size)
-        probe = bytearray(first)
-        remote.read_into(memoryview(probe), 0, "its header")
-        if len(probe) < 8:
-            return bytes(probe)
-        length = int.from_bytes(probe[:8], "little")
+        length_bytes = bytearray(min(8, remote.size))
+        remote.read_into(memoryview(length_bytes), 0, "its header length")
+        if len(length_bytes) < 8:
+            return bytes(length_bytes)
+        length = int.from_bytes(length_bytes, "little")
         from .source import MAX_HEADER_BYTES
 
         if length > MAX_HEADER_BYTES or 8 + length > remote.size:
-            return bytes(probe)  # the parser names the corrupt length
-        if 8 + length <= first:
-            return bytes(probe[:8 + length])
-        rest = bytearray(8 + length - first)
-        remote.read_into(memoryview(rest), first, "its header")
-        return bytes(probe) + bytes(rest)
+            return bytes(length_bytes)  # the parser names the corrupt length
+        header = bytearray(length)
+        remote.read_into(memoryview(header), 8, "its header")
+        return bytes(length_bytes) + bytes(header)
 
     def fetch(self, names: list[str], on_bytes: Callable[[int], None] | None = None) -> None:
         """Download `names` into the cache (hf_hub_download: blobs + snapshot links, shared with transformers)."""
