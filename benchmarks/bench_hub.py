@@ -49,6 +49,7 @@ for url in sys.argv[2:]:
 
 
 def start_hub(rate: float, python: str) -> tuple[subprocess.Popen, str]:
+    shutil.rmtree(BENCH / "hub-server", ignore_errors=True)
     args = [python, str(ROOT / "tests" / "hub_server.py"), str(BENCH / "hub-server"), str(rate),
             *(f"{repo}={folder}" for repo, folder in REPOS.items())]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -71,6 +72,7 @@ def main() -> int:
     ap.add_argument("--mergekit", help="mergekit-yaml path (else $MERGEKIT_YAML, .mkvenv, /work/mkvenv)")
     ap.add_argument("--mergeng", default=shutil.which("mergeng", path=str(Path(sys.executable).parent)) or "mergeng")
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--mergeng-args", default="", help="extra options for every mergeng run (e.g. '--workers 4')")
     args = ap.parse_args()
     rate = float(args.rate[:-1]) * {"K": 1e3, "M": 1e6, "G": 1e9}[args.rate[-1]] if args.rate[-1] in "KMG" else float(args.rate)
     tools = args.tools.split(",")
@@ -90,11 +92,12 @@ def main() -> int:
         mk = bm.find_mergekit(args.mergekit) or (str(ROOT / ".mkvenv/bin/mergekit-yaml") if (ROOT / ".mkvenv/bin/mergekit-yaml").exists() else None)
         out = {t: BENCH / "out" / f"hub-{t}" for t in tools}
         cache = BENCH / "hub-cache"
+        extra = args.mergeng_args.split()
         commands = {
             "transfer": [args.python, "-c", TRANSFER, "-", *(f"{endpoint}/{r}/resolve/main/{n}" for r, n in weights)],
-            "local": [args.mergeng, "run", str(local_recipe), "-o", str(out.get("local")), "--ram", args.ram],
-            "mergeng-stream": [args.mergeng, "run", str(hub_recipe), "-o", str(out.get("mergeng-stream")), "--ram", args.ram, "--stream"],
-            "mergeng-fetch": [args.mergeng, "run", str(hub_recipe), "-o", str(out.get("mergeng-fetch")), "--ram", args.ram],
+            "local": [args.mergeng, "run", str(local_recipe), "-o", str(out.get("local")), "--ram", args.ram, *extra],
+            "mergeng-stream": [args.mergeng, "run", str(hub_recipe), "-o", str(out.get("mergeng-stream")), "--ram", args.ram, "--stream", *extra],
+            "mergeng-fetch": [args.mergeng, "run", str(hub_recipe), "-o", str(out.get("mergeng-fetch")), "--ram", args.ram, *extra],
             "mergekit": [mk or "mergekit-yaml", str(hub_recipe), str(out.get("mergekit")), "--lazy-unpickle"],
         }
         if "mergekit" in tools and mk is None:

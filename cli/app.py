@@ -28,7 +28,7 @@ from .lora_cmd import lora_app
 from .moe_cmd import moe
 from .options import (HELP_OPTIONS, AddressOption, DebugOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
                       ShardSizeOption, StreamOption, StrictOption, TruncateVocabOption, WorkersOption, executor_name, max_unit_bytes,
-                      ram_budget, shard_bytes)
+                      ram_budget, shard_bytes, worker_count)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, context_settings=HELP_OPTIONS,
                   help="Merge language and vision-language models weight by weight under a RAM budget.")
@@ -54,7 +54,7 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", "--out-path", help="Output folder (or the second argument)."),
     ram: Optional[str] = RamOption,
     shard_size: str = ShardSizeOption,
-    workers: int = WorkersOption,
+    workers: Optional[int] = WorkersOption,
     fresh: bool = FreshOption,
     intermediate_dir: Optional[Path] = typer.Option(
         None, "--intermediate-dir", "-I", help="Multi-stage recipes: write each named stage to DIR/NAME and read it from "
@@ -113,7 +113,7 @@ def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML (mergekit format)."),
     ram: Optional[str] = RamOption,
     shard_size: str = ShardSizeOption,
-    workers: int = WorkersOption,
+    workers: Optional[int] = WorkersOption,
     fmt: str = typer.Option("text", "--format", help="text, json, dot (Graphviz) or html (a self-contained page)."),
     profile: Optional[Path] = typer.Option(None, "--profile", help="With --format html: overlay the measured RSS of a finished run in this output folder."),
     strict: bool = StrictOption,
@@ -139,12 +139,12 @@ def plan(
         if executor_name(executor, address) == "ray":  # partitions and memory requests from the cluster's nodes
             from ..engine.cluster.plan import plan_on_ray
 
-            ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
+            ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
                                    address=address, strict=strict, truncate_vocab=truncate_vocab,
                                    hub=HubOptions(transformers_cache, stream))
             prepared = ray_plan.prepared
         else:
-            prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit),
+            prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
                                strict=strict, truncate_vocab=truncate_vocab, hub=HubOptions(transformers_cache, stream))
         if fmt == "json":
             out.print_json(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}))

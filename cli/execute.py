@@ -21,11 +21,11 @@ from rich.console import Console
 from ..errors import MergeError
 from . import mergekit_options as mk
 from .console import console, fail
-from .options import executor_name, max_unit_bytes, ram_budget, shard_bytes
+from .options import executor_name, max_unit_bytes, ram_budget, shard_bytes, worker_count
 
 
 def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[Path] = None, *, ram: Optional[str] = None,
-               shard_size: str = "5B", workers: int = 2, fresh: bool = False, seed: Optional[int] = None,
+               shard_size: str = "5B", workers: Optional[int] = None, fresh: bool = False, seed: Optional[int] = None,
                strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
                quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
@@ -43,7 +43,7 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
         mk.set_num_threads(flags.num_threads if flags else None)
         hub = HubOptions(flags.transformers_cache if flags else None, stream, {} if fresh else hub_pins(target))
         options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
-        sizes = (ram_budget(ram), shard_bytes(shard_size), workers, max_unit_bytes(max_unit))
+        sizes = (ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit))
         if executor_name(executor, address) == "ray":
             if intermediate_dir is not None:
                 raise MergeError("--intermediate-dir runs the stages one after another here; drop it with --executor ray "

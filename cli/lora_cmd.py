@@ -31,7 +31,7 @@ def apply(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     ram: Optional[str] = RamOption,
     shard_size: str = ShardSizeOption,
-    workers: int = WorkersOption,
+    workers: Optional[int] = WorkersOption,
     fresh: bool = FreshOption,
     max_unit: Optional[str] = MaxUnitOption,
     stream: bool = StreamOption,

@@ -14,7 +14,7 @@ import typer
 from .console import fail
 from .execute import execute
 from .options import (DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, StreamOption, WorkersOption,
-                      max_unit_bytes, ram_budget, shard_bytes)
+                      max_unit_bytes, ram_budget, shard_bytes, worker_count)
 
 
 def moe(
@@ -23,7 +23,7 @@ def moe(
     ram: Optional[str] = RamOption,
     seed: int = typer.Option(0, "--seed", help="Seed of random gate modes and expert noise."),
     shard_size: str = ShardSizeOption,
-    workers: int = WorkersOption,
+    workers: Optional[int] = WorkersOption,
     fresh: bool = FreshOption,
     max_unit: Optional[str] = MaxUnitOption,
     stream: bool = StreamOption,
@@ -39,7 +39,7 @@ def moe(
     try:
         with using_hub(HubOptions(stream=stream)):
             _refuse_output_over_inputs(config, out_dir)
-            prepared, build = prepare_moe(config, out_dir, ram_budget(ram), seed, shard_bytes(shard_size), workers,
+            prepared, build = prepare_moe(config, out_dir, ram_budget(ram), seed, shard_bytes(shard_size), worker_count(workers, stream),
                                           max_unit_bytes(max_unit), fresh)
         execute(prepared, out_dir, fresh=False, done=f"built {build.architecture.hf_class}", earlier_peak=build.gate_peak_rss)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)

@@ -17,7 +17,7 @@ HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 RamOption = typer.Option(None, "--ram", help="Peak RSS ceiling for the whole process, e.g. 2G, 512M, 64G (binary units). Default: 80% of available memory.")
 DebugOption = typer.Option(False, "--debug", help="Show tracebacks.")
 ShardSizeOption = typer.Option("5B", "--shard-size", "--out-shard-size", help="Largest output shard in bytes, in mergekit's notation: 5B = 5 billion, 500M, 100K (also 5G, 5GB).")
-WorkersOption = typer.Option(2, "--workers", help="Worker threads overlapping reads, compute and writes.")
+WorkersOption = typer.Option(None, "--workers", help="Worker threads overlapping reads, compute and writes (default 2; 4 with --stream, so that ranged reads overlap compute). Each one's work is within --ram.")
 FreshOption = typer.Option(False, "--fresh", help="Discard an interrupted run in the output folder and start over.")
 StrictOption = typer.Option(False, "--strict", help="Treat every warning (unknown recipe keys or parameters, unmatched filters, dropped tensors) as an error.")
 TruncateVocabOption = typer.Option(False, "--truncate-vocab/--no-truncate-vocab", "--unsafe-truncate-embeddings/--no-unsafe-truncate-embeddings", help="Allow models whose vocabularies differ in size: embeddings are cut to the smallest (said in the report).")
@@ -58,3 +58,10 @@ def shard_bytes(text: str) -> int:
     from .mergekit_options import parse_shard_size
 
     return parse_shard_size(text)
+
+
+def worker_count(workers: Optional[int], stream: bool) -> int:
+    """--workers as given, else the default (more with --stream: engine/execute/prepared.py)."""
+    from ..engine.execute.prepared import default_workers
+
+    return default_workers(stream) if workers is None else workers

@@ -41,6 +41,7 @@ def merge(recipe: str | Path | dict, out: str | Path, ram: int | str | None = No
 
 
 def _prepare(recipe, ram, options: dict, allowed: set[str], out: str | Path | None = None):
+    from .execute.prepared import default_workers
     from .inputs.hub import HubOptions
     from .recipe.mergekit_flags import MergekitFlags, parse_shard_size
     from .schedule.memory import parse_size
@@ -69,7 +70,8 @@ def _prepare(recipe, ram, options: dict, allowed: set[str], out: str | Path | No
     prepare = prepare_stages if isinstance(parsed, list) else prepare_recipe
     prepared = prepare(
         parsed, text, folder, parse_size(ram, "ram") if isinstance(ram, str) else ram,
-        parse_shard_size(shard_size) if isinstance(shard_size, str) else shard_size, given.get("workers", 2),
+        parse_shard_size(shard_size) if isinstance(shard_size, str) else shard_size,
+        given["workers"] if given.get("workers") is not None else default_workers(bool(given.get("stream", False))),
         parse_size(max_unit, "max_unit") if isinstance(max_unit, str) else max_unit,
         seed=given.get("seed"), strict=given.get("strict", False), truncate_vocab=given.get("truncate_vocab", False),
         allow_crimes=given.get("allow_crimes", False), hub=hub)

@@ -121,6 +121,7 @@ class FakeHub:
             rel = p.relative_to(folder).as_posix()
             dest = frozen / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.unlink(missing_ok=True)  # a root reused from an earlier server
             if p.stat().st_size > BIG:  # big weights (benchmarks, sparse 70B shapes): a hard link where allowed
                 try:
                     os.link(p, dest)

@@ -16,6 +16,14 @@ from ..plan.merge_plan import MergePlan
 from ..schedule.memory import current_rss, default_budget, trim_heap
 from ..schedule.scheduler import MAX_UNIT_BYTES, Schedule, make_schedule
 
+DEFAULT_WORKERS = 2
+STREAM_WORKERS = 4  # --stream: while two workers compute, two wait on ranged reads (each unit is budgeted)
+
+
+def default_workers(stream: bool) -> int:
+    """Worker threads when --workers is not given."""
+    return STREAM_WORKERS if stream else DEFAULT_WORKERS
+
 
 @dataclass
 class Prepared:
