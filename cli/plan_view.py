@@ -100,6 +100,7 @@ def render_text(prepared: Prepared, console: Console) -> None:
                                                                  if h["fetch_files"] else "nothing")
             hub.add_row(h["model"], h["commit"][:12], str(len(h["files"])), format_size(h["bytes"]), format_size(h["cached_bytes"]), fetch)
         console.print(hub)
+    if summary["config_changes"]:
         console.print("config.json changes: " + "; ".join(summary["config_changes"]), highlight=False, markup=False)
     vocabulary = summary["vocabulary"]
     if vocabulary:
