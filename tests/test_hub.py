@@ -295,14 +295,14 @@ def test_a_missing_local_folder_that_reads_as_a_repo_id_names_both(tmp_path):
     recipe = write_recipe(tmp_path, "merge_method: linear\nmodels:\n  - model: models/typo\n    parameters: {weight: 1.0}\n")
     result = cli("plan", recipe)
     assert result.exit_code == 2
-    assert "no folder of that name" in result.output and "models/typo" in result.output
+    assert "folder not found" in result.output and "nor on the Hub" in result.output and "models/typo" in result.output
 
 
 def test_a_path_never_goes_to_the_hub(tmp_path):
     recipe = write_recipe(tmp_path, "merge_method: linear\nmodels:\n  - model: ./models/typo\n    parameters: {weight: 1.0}\n")
     result = cli("plan", recipe)
     assert result.exit_code == 2 and "folder not found" in result.output
-    assert "no folder of that name" not in result.output and "does not answer" not in result.output
+    assert "nor on the Hub" not in result.output and "does not answer" not in result.output
 
 
 def test_a_header_is_read_exactly_its_length_then_itself(hub, hf, tmp_path):

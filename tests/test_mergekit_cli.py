@@ -133,8 +133,9 @@ def test_options_mergeng_does_anyway_are_accepted_with_a_note(tmp_path, models):
                  "--trust-remote-code", "--random-seed", "3", "--unsafe-truncate-embeddings", *SMALL)
     assert result.exit_code == 0, result.output
     for flag in ("--lazy-unpickle", "--low-cpu-memory", "--clone-tensors", "--async-write", "--write-threads",
-                 "--transformers-cache", "--lora-merge-cache", "--lora-merge-dtype"):
+                 "--lora-merge-cache", "--lora-merge-dtype"):
         assert re.search(rf"note: {flag} has no effect", result.output), (flag, result.output)
+    assert "--transformers-cache" not in result.output  # it has its meaning: the cache Hub models go to (test_hub.py)
 
 
 def test_quiet_prints_no_summary_and_verbose_prints_the_plan(tmp_path, models):

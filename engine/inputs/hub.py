@@ -47,6 +47,10 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
+class HubNotFound(MergeError):
+    """The reference names no repo there is (or none can be reached, or none is cached offline)."""
+
+
 @dataclass(frozen=True)
 class HubRef:
     repo_id: str
@@ -286,7 +290,7 @@ def _resolve_offline(ref: HubRef, hub: HubSettings, what: str) -> tuple[str, dic
             except OSError:
                 commit = None
     if not commit or not (folder / "snapshots" / commit).is_dir():
-        raise MergeError(f"{what}: HF_HUB_OFFLINE=1 and {ref} is not in the cache ({hub.cache_dir}); run once online "
+        raise HubNotFound(f"{what}: HF_HUB_OFFLINE=1 and {ref} is not in the cache ({hub.cache_dir}); run once online "
                          "(or unset HF_HUB_OFFLINE), or point HF_HUB_CACHE/--transformers-cache at the cache that holds it")
     snap = folder / "snapshots" / commit
     files = {p.relative_to(snap).as_posix(): RepoFile(p.relative_to(snap).as_posix(), p.stat().st_size, _blob_etag(p))
@@ -342,7 +346,7 @@ def hub_errors(what: str, ref: HubRef, hub: HubSettings, exit_code: int = 2) -> 
         raise MergeError(f"{what}: {ref.repo_id} is a gated repo: accept its terms on its Hub page, then "
                          f"{token_hint}{' (the token given has no access)' if hub.token else ''}") from None
     except RepositoryNotFoundError:
-        raise MergeError(f"{what}: no repo {ref.repo_id} on {hub.endpoint} "
+        raise HubNotFound(f"{what}: no repo {ref.repo_id} on {hub.endpoint} "
                          f"(if it is private, {token_hint})") from None
     except RevisionNotFoundError:
         raise MergeError(f"{what}: repo {ref.repo_id} has no revision '{ref.revision}' (a branch, tag or commit)") from None
@@ -352,7 +356,7 @@ def hub_errors(what: str, ref: HubRef, hub: HubSettings, exit_code: int = 2) -> 
         raise MergeError(f"{what}: {ref} is not in the cache ({hub.cache_dir}) and the Hub cannot be reached "
                          "(HF_HUB_OFFLINE=1 or no network); run once online to fetch it") from None
     except (httpx.TransportError, OSError) as e:
-        raise MergeError(f"{what}: the Hub at {hub.endpoint} does not answer ({type(e).__name__}); check the network "
+        raise HubNotFound(f"{what}: the Hub at {hub.endpoint} does not answer ({type(e).__name__}); check the network "
                          "or HF_ENDPOINT, or set HF_HUB_OFFLINE=1 to use what is cached", exit_code=exit_code) from None
     except HfHubHTTPError as e:
         status = e.response.status_code if getattr(e, "response", None) is not None else "?"

@@ -15,12 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import MergeError
-from .hub import HubSnapshot, open_snapshot, parse_hub_ref
+from .hub import HubNotFound, HubSnapshot, open_snapshot, parse_hub_ref
 from .source import ModelSource
 
 
-def resolve_folder(what: str, path: str | Path, recipe_dir: Path | None, hint: str) -> Path:
-    """`what` names the path in messages (e.g. "model 'a'"); `hint` says what such a folder holds."""
+def find_folder(what: str, path: str | Path, recipe_dir: Path | None) -> Path | None:
+    """The folder `path` names (beside the recipe first, then the working directory), or None; a
+    relative path naming two different folders is refused."""
     given = Path(path)
     beside = recipe_dir / given if recipe_dir is not None and not given.is_absolute() else None
     if beside is not None and beside.is_dir():
@@ -28,10 +29,22 @@ def resolve_folder(what: str, path: str | Path, recipe_dir: Path | None, hint: s
             raise MergeError(f"{what}: two folders have this path, {beside} beside the recipe and {given.absolute()} "
                              "in the working directory; write the path of the one you mean")
         return beside
-    if given.is_dir():
-        return given
+    return given if given.is_dir() else None
+
+
+def not_found(what: str, path: str | Path, recipe_dir: Path | None, hint: str, hub: str = "") -> MergeError:
+    given = Path(path)
+    beside = recipe_dir / given if recipe_dir is not None and not given.is_absolute() else None
     where = f"beside the recipe ({beside}) or " if beside is not None else ""
-    raise MergeError(f"{what}: folder not found {where}in the working directory; {hint}")
+    return MergeError(f"{what}: folder not found {where}in the working directory{hub}; {hint}")
+
+
+def resolve_folder(what: str, path: str | Path, recipe_dir: Path | None, hint: str) -> Path:
+    """`what` names the path in messages (e.g. "model 'a'"); `hint` says what such a folder holds."""
+    folder = find_folder(what, path, recipe_dir)
+    if folder is None:
+        raise not_found(what, path, recipe_dir, hint)
+    return folder
 
 
 def resolve_model_path(model: str, recipe_dir: Path | None) -> Path:
@@ -44,18 +57,16 @@ def locate_model(model: str, recipe_dir: Path | None, what: str | None = None,
                              "`mergeng examples DIR` makes the models they name)") -> tuple[Path, HubSnapshot | None]:
     """A model reference -> (its folder, the Hub snapshot behind it or None for a local folder)."""
     what = what or f"model '{model}'"
-    try:
-        return resolve_folder(what, model, recipe_dir, hint), None
-    except MergeError:
-        ref = parse_hub_ref(model)
-        if ref is None:
-            raise
+    folder = find_folder(what, model, recipe_dir)
+    if folder is not None:
+        return folder, None
+    ref = parse_hub_ref(model)
+    if ref is None:
+        raise not_found(what, model, recipe_dir, hint)
     try:
         snapshot = open_snapshot(ref, what)
-    except MergeError as e:
-        reason = str(e).removeprefix(f"{what}: ")
-        raise MergeError(f"{what}: no folder of that name (beside the recipe or in the working directory), and {reason}",
-                         exit_code=e.exit_code) from None
+    except HubNotFound as e:  # neither here nor there: say both
+        raise not_found(what, model, recipe_dir, hint, f", nor on the Hub: {str(e).removeprefix(f'{what}: ')}") from None
     return snapshot.path, snapshot
 
 

@@ -1,0 +1,297 @@
+"""Quantized checkpoints (block FP8, per-tensor FP8, gpt-oss MXFP4, compressed-tensors) are merged as the values
+they stand for: each output equals the recipe's formula applied to the inputs dequantized by the format's own rule
+(written here, or compressed-tensors' own decompress), whatever the row chunking; bad inputs are one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import write_recipe
+from helpers import cli
+
+from mergeng.cli.tiny_models import TINY, make_llama
+
+BLOCK = 128
+FP4 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [BLOCK, BLOCK]}
+
+
+# ---- the formats' reference rules, written independently of mergeng ---------------------------------
+
+def quantize_block_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's rule: per 128x128 tile (edge tiles: their real elements) s = amax/448 (0 -> 1), q = w/s."""
+    m, n = w.shape
+    s = torch.ones(math.ceil(m / BLOCK), math.ceil(n / BLOCK))
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            tile = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
+            amax = tile.abs().max().item()
+            s[i, j] = amax / 448 if amax > 0 else 1.0
+            q[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (tile / s[i, j]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def dequantize_block_fp8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    out = q.float().clone()
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            out[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] *= s[i, j]
+    return out
+
+
+def dequantize_gpt_oss(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """gpt-oss weights.py: low nibble first, ldexp by (scale - 127); transformers' [E, in, out] layout."""
+    e, out, g, _ = blocks.shape
+    vals = torch.empty(e, out, g, 32)
+    vals[..., 0::2] = FP4[(blocks & 0x0F).long()]
+    vals[..., 1::2] = FP4[(blocks >> 4).long()]
+    vals = vals * torch.pow(2.0, scales.float() - 127).unsqueeze(-1)
+    return vals.reshape(e, out, g * 32).transpose(1, 2)
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+
+EXTRA = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # DeepSeek's 576-row shape: a partial edge tile
+
+
+def make_fp8_model(folder: Path, variant: int) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A tiny Llama whose projections are block-FP8 (edge tiles partial), plus a [576, 300] tensor with an
+    all-zero tile; the scales live in a shard of their own. Returns the folder and each weight's dequantized value."""
+    plain = make_llama(folder.parent / f"{folder.name}-bf16", TINY, variant=variant, dtype="bfloat16")
+    tensors = load_file(plain / "model.safetensors")
+    gen = torch.Generator().manual_seed(100 + variant)
+    extra = torch.randn(576, 300, generator=gen) * 0.02
+    extra[:128, :128] = 0  # an all-zero tile: scale 1
+    tensors[EXTRA] = extra.to(torch.bfloat16)
+    weights, scales, expected = {}, {}, {}
+    for name, t in tensors.items():
+        if name.endswith("proj.weight") or name.endswith("mqa.weight"):
+            q, s = quantize_block_fp8(t.float())
+            weights[name], scales[name + "_scale_inv"] = q, s
+            expected[name] = dequantize_block_fp8(q, s)
+        else:
+            weights[name] = t
+            expected[name] = t.float()
+    folder.mkdir(parents=True)
+    save_file(weights, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file(scales, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    index = {n: "model-00001-of-00002.safetensors" for n in weights} | {n: "model-00002-of-00002.safetensors" for n in scales}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = FP8_CONFIG
+    (folder / "config.json").write_text(json.dumps(config))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (plain / f).exists():
+            shutil.copy(plain / f, folder / f)
+    return folder, expected
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    return [make_fp8_model(root / f"m{k}", k) for k in range(2)]
+
+
+def output_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+LINEAR = "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\n"
+
+
+@pytest.mark.parametrize("max_unit", [None, "40K"])
+def test_two_block_fp8_models_merge_to_the_formula_on_their_reference_dequantization(tmp_path, fp8, max_unit):
+    (a, ea), (b, eb) = fp8
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b) + "dtype: bfloat16\n")
+    extra = ["--max-unit", max_unit] if max_unit else []  # small units: row chunks that start inside a 128-row tile
+    result = cli("run", recipe, "-o", tmp_path / "out", *extra)
+    assert result.exit_code == 0, result.output
+    got = output_tensors(tmp_path / "out")
+    assert set(got) == set(ea)  # no scale reached the output as a tensor of its own
+    for name, value in got.items():
+        want = (0.7 * ea[name] + 0.3 * eb[name]).to(torch.bfloat16)
+        assert value.dtype == torch.bfloat16 and torch.equal(value, want), name
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_chunking_does_not_change_the_bytes(tmp_path, fp8):
+    (a, _), (b, _) = fp8
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b) + "dtype: bfloat16\n")
+    outs = []
+    for k, extra in enumerate(([], ["--max-unit", "24K"], ["--max-unit", "100K", "--workers", "3"])):
+        assert cli("run", recipe, "-o", tmp_path / f"o{k}", *extra).exit_code == 0
+        outs.append({p.name: p.read_bytes() for p in (tmp_path / f"o{k}").glob("*.safetensors")})
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_plan_says_the_format_and_what_it_writes(tmp_path, fp8):
+    (a, _), (b, _) = fp8
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b))
+    result = cli("plan", recipe, "--format", "json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    quantized = {q["model"]: q for q in summary["quantized"]}
+    assert quantized[str(a)]["format"].startswith("block FP8 128x128") and quantized[str(a)]["tensors"] == 4 * 7 + 1
+    assert any("written as bfloat16" in w and "quantization_config" in w for w in summary["warnings"])
+    text = cli("plan", recipe)
+    assert "block FP8 128x128" in text.output
+
+
+def test_a_block_fp8_model_with_a_bf16_one_merges_in_float32(tmp_path, fp8):
+    (a, ea), _ = fp8
+    plain = tmp_path.parent / "plain"
+    bf16 = make_llama(tmp_path / "plain", TINY, variant=1, dtype="bfloat16")
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=bf16).replace("\n  - model: " + str(bf16), "\n  - model: " + str(bf16))
+                          + "dtype: float32\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    other = load_file(bf16 / "model.safetensors")
+    got = output_tensors(tmp_path / "out")
+    for name, value in got.items():
+        assert torch.equal(value, 0.7 * ea[name] + 0.3 * other[name].float()), name
+    del plain
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t, c: t.pop("model.layers.0.mlp.up_proj.weight_scale_inv"), "has no 'model.layers.0.mlp.up_proj.weight_scale_inv'"),
+    (lambda t, c: t.__setitem__("model.layers.0.mlp.up_proj.weight_scale_inv", torch.ones(3, 3)), "needs [1, 1]"),
+    (lambda t, c: c.__setitem__("quantization_config", {"quant_method": "gptq", "bits": 4}), "quant_method 'gptq'"),
+    (lambda t, c: c.pop("quantization_config"), "is float8 but config.json has no quantization_config"),
+])
+def test_bad_quantized_inputs_are_one_line(tmp_path, fp8, edit, message):
+    (a, _), (b, _) = fp8
+    broken = tmp_path / "broken"
+    tensors = {}
+    for f in sorted(a.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    config = json.loads((a / "config.json").read_text())
+    edit(tensors, config)
+    broken.mkdir()
+    save_file(tensors, broken / "model.safetensors")
+    (broken / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, LINEAR.format(a=broken, b=b))
+    result = cli("plan", recipe)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_per_tensor_fp8(tmp_path):
+    plain = make_llama(tmp_path / "plain", TINY, variant=0, dtype="bfloat16")
+    tensors = load_file(plain / "model.safetensors")
+    expected = {}
+    for name in list(tensors):
+        t = tensors[name].float()
+        if name.endswith("proj.weight"):
+            s = t.abs().max() / 448
+            tensors[name] = (t / s).to(torch.float8_e4m3fn)
+            tensors[name + "_scale"] = s.reshape(())
+            tensors[name.replace(".weight", ".input_scale")] = torch.tensor(1.0)
+            expected[name] = tensors[name].float() * s
+        else:
+            expected[name] = t
+    model = tmp_path / "fp8"
+    model.mkdir()
+    save_file(tensors, model / "model.safetensors")
+    config = json.loads((plain / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\ndtype: float32\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    got = output_tensors(tmp_path / "out")
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+    assert not any(n.endswith("input_scale") for n in got)  # activation calibration of a quantized model: not a weight here
+
+
+def test_gpt_oss_mxfp4_experts_are_read_as_transformers_lays_them_out(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (2, 8, 2, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(120, 130, (2, 8, 2), dtype=torch.uint8, generator=gen)
+    other = torch.randn(2, 8, generator=gen)
+    model = tmp_path / "gpt-oss"
+    model.mkdir()
+    save_file({"model.layers.0.mlp.experts.gate_up_proj_blocks": blocks, "model.layers.0.mlp.experts.gate_up_proj_scales": scales,
+               "model.layers.0.mlp.experts.gate_up_proj_bias": other}, model / "model.safetensors")
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt_oss", "torch_dtype": "bfloat16",
+                                                   "quantization_config": {"quant_method": "mxfp4"}}))
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\ndtype: float32\n")
+    result = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", "1K")
+    assert result.exit_code == 0, result.output
+    got = output_tensors(tmp_path / "out")
+    assert set(got) == {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.gate_up_proj_bias"}
+    assert torch.equal(got["model.layers.0.mlp.experts.gate_up_proj"], dequantize_gpt_oss(blocks, scales))
+
+
+# ---- compressed-tensors, made and read back with the package itself ----------------------------------
+
+def ct_model(tmp_path: Path, preset: str, fmt: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    del ct
+    shape = TINY.__class__(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=256, vocab_size=64)
+    plain = make_llama(tmp_path / "plain", shape, variant=0, dtype="bfloat16")
+    tensors = load_file(plain / "model.safetensors")
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    args, comp = scheme.weights, BaseCompressor.get_value_from_registry(fmt)
+    out, expected = {}, {}
+    for name, w in tensors.items():
+        if not name.endswith("proj.weight"):
+            out[name], expected[name] = w, w.float()
+            continue
+        x = w.float()
+        if args.strategy == "channel":
+            lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        elif args.strategy in ("group", "tensor_group"):
+            r = x.reshape(x.shape[0], -1, args.group_size)
+            lo, hi = r.amin(-1), r.amax(-1)
+        else:
+            lo, hi = x.amin().reshape(1), x.amax().reshape(1)
+        gs = generate_gparam(x.amin(), x.amax()) if args.strategy == "tensor_group" else None
+        scale, zp = calculate_qparams(lo, hi, args, global_scale=gs)
+        state = {"weight": w, "weight_scale": scale if fmt.startswith(("nvfp4", "mxfp4")) else scale.to(w.dtype),
+                 "weight_zero_point": zp}
+        if gs is not None:
+            state["weight_global_scale"] = gs
+        packed = {k: v for k, v in comp.compress(dict(state), scheme).items() if v is not None}
+        module = name.removesuffix(".weight")
+        out.update({f"{module}.{k}": v for k, v in packed.items()})
+        expected[name] = comp.decompress(dict(packed), scheme)["weight"].float()
+    model = tmp_path / preset
+    model.mkdir()
+    save_file(out, model / "model.safetensors")
+    config = json.loads((plain / "config.json").read_text())
+    qc = QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, quantization_status="compressed")
+    config["quantization_config"] = json.loads(qc.model_dump_json(exclude_none=True))
+    (model / "config.json").write_text(json.dumps(config))
+    return model, expected
+
+
+@pytest.mark.parametrize("preset, fmt", [("FP8_DYNAMIC", "float-quantized"), ("W4A16", "pack-quantized"),
+                                         ("NVFP4A16", "nvfp4-pack-quantized"), ("MXFP4A16", "mxfp4-pack-quantized")])
+def test_compressed_tensors_schemes_are_read_with_the_packages_own_decompress(tmp_path, preset, fmt):
+    model, expected = ct_model(tmp_path, preset, fmt)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\ndtype: float32\n")
+    result = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", "16K")  # row chunks of each packed weight
+    assert result.exit_code == 0, result.output
+    got = output_tensors(tmp_path / "out")
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
