@@ -47,6 +47,8 @@ def plan_summary(prepared: Prepared) -> dict:
         "copied": sum(1 for t in plan.report if t["action"] == "copied"),
         "stages": _stages_summary(prepared),
         "hub": _hub_summary(prepared),
+        "quantized": [{"model": label, "format": src.quantization.name, "tensors": src.quantization.tensors}
+                      for label, src in plan.sources.items() if getattr(src, "quantization", None) is not None],
     }
 
 
@@ -100,6 +102,9 @@ def render_text(prepared: Prepared, console: Console) -> None:
                                                                  if h["fetch_files"] else "nothing")
             hub.add_row(h["model"], h["commit"][:12], str(len(h["files"])), format_size(h["bytes"]), format_size(h["cached_bytes"]), fetch)
         console.print(hub)
+    for q in summary["quantized"]:
+        console.print(f"model {escape(q['model'])}: {q['format']}, {q['tensors']} quantized tensors read dequantized "
+                      "(their scales read with them)", highlight=False)
     if summary["config_changes"]:
         console.print("config.json changes: " + "; ".join(summary["config_changes"]), highlight=False, markup=False)
     vocabulary = summary["vocabulary"]

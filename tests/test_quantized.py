@@ -107,6 +107,11 @@ def output_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The recipe's formula in float32, in mergekit's order of operations: (0.7 a + 0.3 b) / (0.7 + 0.3)."""
+    return (a * 0.7).add_(b, alpha=0.3).div_(0.7 + 0.3)
+
+
 LINEAR = "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\n"
 
 
@@ -120,7 +125,7 @@ def test_two_block_fp8_models_merge_to_the_formula_on_their_reference_dequantiza
     got = output_tensors(tmp_path / "out")
     assert set(got) == set(ea)  # no scale reached the output as a tensor of its own
     for name, value in got.items():
-        want = (0.7 * ea[name] + 0.3 * eb[name]).to(torch.bfloat16)
+        want = linear(ea[name], eb[name]).to(torch.bfloat16)
         assert value.dtype == torch.bfloat16 and torch.equal(value, want), name
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "quantization_config" not in config
@@ -159,8 +164,9 @@ def test_a_block_fp8_model_with_a_bf16_one_merges_in_float32(tmp_path, fp8):
     assert result.exit_code == 0, result.output
     other = load_file(bf16 / "model.safetensors")
     got = output_tensors(tmp_path / "out")
-    for name, value in got.items():
-        assert torch.equal(value, 0.7 * ea[name] + 0.3 * other[name].float()), name
+    for name, value in got.items():  # the [576, 300] tensor only the FP8 model has: merged from it alone
+        want = linear(ea[name], other[name].float()) if name in other else (ea[name] * 0.7).div_(0.7)
+        assert torch.equal(value, want), name
     del plain
 
 
@@ -295,3 +301,56 @@ def test_compressed_tensors_schemes_are_read_with_the_packages_own_decompress(tm
     assert set(got) == set(expected)
     for name, value in expected.items():
         assert torch.equal(got[name], value), name
+
+
+def test_a_lora_adapter_on_a_block_fp8_base_applies_to_its_dequantized_weights(tmp_path, fp8):
+    """BASE+ADAPTER with an FP8 base equals the same adapter on a float32 copy of the base's dequantized values."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    (a, ea), _ = fp8
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.parent / f"{a.name}-bf16")
+    lora = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "down_proj"]))
+    lora.save_pretrained(tmp_path / "adapter")
+    reference = tmp_path / "dequantized"
+    reference.mkdir()
+    save_file({n: v.contiguous() for n, v in ea.items()}, reference / "model.safetensors")
+    config = json.loads((a / "config.json").read_text())
+    config.pop("quantization_config")
+    (reference / "config.json").write_text(json.dumps(config))
+    text = "merge_method: linear\nmodels:\n  - model: {m}+{ad}\n    parameters: {{weight: 1.0}}\ndtype: float32\n"
+    for name, base in (("q", a), ("r", reference)):
+        recipe = write_recipe(tmp_path, text.format(m=base, ad=tmp_path / "adapter"), name=f"{name}.yml")
+        result = cli("run", recipe, "-o", tmp_path / name, "--max-unit", "40K")
+        assert result.exit_code == 0, result.output
+    got, want = output_tensors(tmp_path / "q"), output_tensors(tmp_path / "r")
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"], ea["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("mode", [[], ["--stream"]])
+def test_a_block_fp8_model_from_the_hub_reads_its_scales_from_their_own_shard(tmp_path, fp8, monkeypatch, mode):
+    from hub_server import FakeHub
+
+    (a, _), (b, _) = fp8
+    hub = FakeHub(tmp_path / "server")
+    hub.add_repo("org/fp8-a", a)
+    hub.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        local = write_recipe(tmp_path, LINEAR.format(a=a, b=b), name="local.yml")
+        remote = write_recipe(tmp_path, LINEAR.format(a="org/fp8-a", b=b), name="remote.yml")
+        assert cli("run", local, "-o", tmp_path / "local").exit_code == 0
+        result = cli("run", remote, "-o", tmp_path / "remote", *mode)
+        assert result.exit_code == 0, result.output
+        assert ({p.name: p.read_bytes() for p in (tmp_path / "local").glob("*.safetensors")}
+                == {p.name: p.read_bytes() for p in (tmp_path / "remote").glob("*.safetensors")})
+        scale_shard = [r for r in hub.requests("GET") if r[1].startswith("/cdn/") and r[2] not in ("bytes=0-7",)
+                       and not (r[2] or "").startswith("bytes=8-")]
+        assert scale_shard, "the weights and scales were read after the plan"
+    finally:
+        hub.stop()

@@ -41,7 +41,7 @@ import torch
 
 from ...errors import MergeError
 from .paths import locate_model, open_source
-from .source import TensorInfo, read_rows, read_safetensors_header
+from .source import ComputedRows, TensorInfo, disk_row_bytes, read_rows, read_safetensors_header, stored_origin
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -301,8 +301,37 @@ class ChainedPatch:
         return self.second.apply(self.first.apply(rows, start, stop), start, stop)
 
 
-def _chain(first, second):
-    return second if first is None else ChainedPatch(first, second)
+class PatchedRows(ComputedRows):
+    """A patch over a tensor whose rows are themselves computed (a LoRA on a quantized base's weight):
+    the inner rows come through read_rows (dequantized), then the patch applies."""
+
+    def __init__(self, inner: TensorInfo, patch):
+        self.inner, self.patch = inner, patch
+        self.row_bytes = inner.patch.row_bytes + patch.row_bytes
+        self.fixed_bytes = inner.patch.fixed_bytes + patch.fixed_bytes
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.patch.apply(read_rows(self.inner, start, stop), start, stop)
+
+    def origin(self) -> TensorInfo:
+        return stored_origin(self.inner)
+
+    def read_row_bytes(self) -> int:
+        return disk_row_bytes(self.inner)
+
+    def aligned_inputs(self) -> tuple[TensorInfo, ...]:
+        return (self.inner,)
+
+    def stored_inputs(self) -> tuple[TensorInfo, ...]:
+        return (self.inner,)
+
+
+def _chain(first, second, inner: TensorInfo):
+    if first is None:
+        return second
+    if isinstance(first, ComputedRows):
+        return PatchedRows(inner, second)
+    return ChainedPatch(first, second)
 
 
 # -- matching adapter modules to base tensors --------------------------------------------------
@@ -377,6 +406,8 @@ def _patches_for(adapter: LoraAdapter, base: dict[str, TensorInfo], label: str):
                 unmatched.append((f"{mod.module}.{param}", why))
                 continue
             patches[name] = ReplacePatch(info)  # what earlier adapters did to this tensor no longer matters
+            if isinstance(base[name].patch, ComputedRows):  # stored rows that are not values: read as the base's
+                patches[name] = PatchedRows(base[name], patches[name])
             matched.append(MatchedModule(where, mod.module, name, "replace", 0, 0.0, 1.0))
         if not mod.has_lora:
             continue
@@ -394,7 +425,7 @@ def _patches_for(adapter: LoraAdapter, base: dict[str, TensorInfo], label: str):
             continue
         inner = replace(base[name], patch=patches.get(name, base[name].patch))
         patch = LoraPatch(a, b, mod.scale, transposed, inner, magnitude)
-        patches[name] = _chain(inner.patch, patch)
+        patches[name] = _chain(inner.patch, patch, inner)
         kind = "embedding" if mod.is_embedding else "lora"
         matched.append(MatchedModule(where, mod.module, name, kind + ("+dora" if magnitude is not None else ""), mod.rank, mod.alpha, mod.scale))
         if "bias" in p:
@@ -402,7 +433,8 @@ def _patches_for(adapter: LoraAdapter, base: dict[str, TensorInfo], label: str):
             if bias_name not in base or base[bias_name].shape != p["bias"].shape:
                 unmatched.append((mod.module + ".bias", f"the adapter has a bias but {name.removesuffix('.weight')} has no bias of shape {list(p['bias'].shape)}"))
                 continue
-            patches[bias_name] = _chain(patches.get(bias_name, base[bias_name].patch), BiasPatch(p["bias"], mod.scale))
+            bias_inner = replace(base[bias_name], patch=patches.get(bias_name, base[bias_name].patch))
+            patches[bias_name] = _chain(bias_inner.patch, BiasPatch(p["bias"], mod.scale), bias_inner)
             matched.append(MatchedModule(where, mod.module, bias_name, "bias", mod.rank, mod.alpha, mod.scale))
     if unmatched:
         raise MergeError(_unmatched_message(adapter, label, unmatched, base))

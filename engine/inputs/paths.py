@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ...errors import MergeError
 from .hub import HubNotFound, HubSnapshot, open_snapshot, parse_hub_ref
+from .quantized import quantized_view
 from .source import ModelSource
 
 
@@ -83,4 +84,6 @@ def tokenizer_folder(choice: str, recipe_dir: Path | None) -> Path | None:
 def open_source(model: str, recipe_dir: Path | None, label: str | None = None) -> ModelSource:
     """The model a reference names, opened (headers only): a local folder or a Hub snapshot."""
     path, snapshot = locate_model(model, recipe_dir)
-    return ModelSource(path, label=label or model, remote=snapshot)
+    source = ModelSource(path, label=label or model, remote=snapshot)
+    source.tensors, source.quantization = quantized_view(source.tensors, source.config, source.label)
+    return source

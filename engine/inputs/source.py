@@ -353,6 +353,7 @@ class ModelSource:
         self.path = Path(path)
         self.label = label or str(path)
         self.remote = remote
+        self.quantization = None  # a quantized checkpoint's format (engine/inputs/quantized.py), set by open_source
         if not self.path.is_dir():
             raise MergeError(f"model '{self.label}': folder not found ({self.path})")
         self.config = self._read_config()

@@ -32,6 +32,11 @@ def output_config(recipe: Recipe, donor: ModelSource, tasks: list[TensorTask], l
                         f"cannot load it (the config comes from the base model, else the first); add config.json "
                         f"from the original model to {donor.path}")
     config = copy.deepcopy(donor.config)
+    quantization = getattr(donor, "quantization", None)
+    if quantization is not None and config.pop("quantization_config", None) is not None:
+        written = recipe.out_dtype or recipe.dtype or config.get("torch_dtype") or "bfloat16"
+        warnings.append(f"model '{donor.label}' is {quantization.describe()}: read dequantized, the output is written as "
+                        f"{written} without quantization_config (writing {quantization.name} back is not supported yet)")
     out_dtype = recipe.out_dtype or recipe.dtype
     if out_dtype:
         config["torch_dtype"] = str(RECIPE_DTYPES[out_dtype]).removeprefix("torch.")
