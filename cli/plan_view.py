@@ -47,6 +47,7 @@ def plan_summary(prepared: Prepared) -> dict:
         "copied": sum(1 for t in plan.report if t["action"] == "copied"),
         "stages": _stages_summary(prepared),
         "hub": _hub_summary(prepared),
+        "quantized_output": plan.quantized_output,
         "quantized": [{"model": label, "format": src.quantization.name, "tensors": src.quantization.tensors}
                       for label, src in plan.sources.items() if getattr(src, "quantization", None) is not None],
     }
@@ -105,6 +106,10 @@ def render_text(prepared: Prepared, console: Console) -> None:
     for q in summary["quantized"]:
         console.print(f"model {escape(q['model'])}: {q['format']}, {q['tensors']} quantized tensors read dequantized "
                       "(their scales read with them)", highlight=False)
+    if plan.quantized_output:
+        q = plan.quantized_output
+        console.print(f"{q['tensors']} tensor(s) written back as {q['format']} (requantized from the merged float32 "
+                      f"values; quantization_config kept from {escape(q['from'])})", highlight=False)
     if summary["config_changes"]:
         console.print("config.json changes: " + "; ".join(summary["config_changes"]), highlight=False, markup=False)
     vocabulary = summary["vocabulary"]

@@ -33,8 +33,8 @@ def quantize_block_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for i in range(s.shape[0]):
         for j in range(s.shape[1]):
             tile = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].float()
-            amax = tile.abs().max().item()
-            s[i, j] = amax / 448 if amax > 0 else 1.0
+            amax = tile.abs().max()  # float32 arithmetic throughout, as the format's kernels do
+            s[i, j] = amax / 448 if amax > 0 else torch.tensor(1.0)
             q[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (tile / s[i, j]).clamp(-448, 448).to(torch.float8_e4m3fn)
     return q, s
 
@@ -131,6 +131,37 @@ def test_two_block_fp8_models_merge_to_the_formula_on_their_reference_dequantiza
     assert "quantization_config" not in config
 
 
+@pytest.mark.parametrize("max_unit", [None, "24K"])
+def test_two_block_fp8_models_merge_into_block_fp8_byte_exact_with_the_reference_requantization(tmp_path, fp8, max_unit):
+    """No dtype in the recipe: the output is written as its base ships, block FP8, each tile requantized from the
+    merged float32 values by DeepSeek's rule; at the size of an input."""
+    (a, ea), (b, eb) = fp8
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b))
+    extra = ["--max-unit", max_unit] if max_unit else []
+    result = cli("run", recipe, "-o", tmp_path / "out", *extra)
+    assert result.exit_code == 0, result.output
+    got = output_tensors(tmp_path / "out")
+    inputs = {}
+    for f in a.glob("*.safetensors"):
+        inputs.update(load_file(f))
+    assert set(got) == set(inputs)  # the same tensors, scales included
+    for name, value in got.items():
+        assert value.dtype == inputs[name].dtype, name
+        if name.endswith("_scale_inv"):
+            continue
+        merged = linear(ea[name], eb[name])
+        if value.dtype == torch.float8_e4m3fn:
+            q, s = quantize_block_fp8(merged)
+            assert torch.equal(value.view(torch.uint8), q.view(torch.uint8)), name
+            assert torch.equal(got[name + "_scale_inv"], s), name
+        else:
+            assert torch.equal(value, merged.to(value.dtype)), name
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"] == FP8_CONFIG
+    size = lambda folder: sum(p.stat().st_size for p in folder.glob("*.safetensors"))  # noqa: E731
+    assert abs(size(tmp_path / "out") - size(a)) < 0.02 * size(a)
+
+
 def test_chunking_does_not_change_the_bytes(tmp_path, fp8):
     (a, _), (b, _) = fp8
     recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b) + "dtype: bfloat16\n")
@@ -149,9 +180,12 @@ def test_plan_says_the_format_and_what_it_writes(tmp_path, fp8):
     summary = json.loads(result.output)
     quantized = {q["model"]: q for q in summary["quantized"]}
     assert quantized[str(a)]["format"].startswith("block FP8 128x128") and quantized[str(a)]["tensors"] == 4 * 7 + 1
+    assert summary["quantized_output"] == {"format": "block FP8 128x128", "tensors": 4 * 7 + 1, "from": str(a)}
+    assert "written back as block FP8 128x128" in cli("plan", recipe).output
+    bf16 = write_recipe(tmp_path, LINEAR.format(a=a, b=b) + "out_dtype: bfloat16\n", name="bf16.yml")
+    summary = json.loads(cli("plan", bf16, "--format", "json").output)
+    assert not summary["quantized_output"]
     assert any("written as bfloat16" in w and "quantization_config" in w for w in summary["warnings"])
-    text = cli("plan", recipe)
-    assert "block FP8 128x128" in text.output
 
 
 def test_a_block_fp8_model_with_a_bf16_one_merges_in_float32(tmp_path, fp8):
@@ -354,3 +388,25 @@ def test_a_block_fp8_model_from_the_hub_reads_its_scales_from_their_own_shard(tm
         assert scale_shard, "the weights and scales were read after the plan"
     finally:
         hub.stop()
+
+
+def test_ue8m0_scales_are_written_as_powers_of_two(tmp_path, fp8):
+    (a, ea), (b, eb) = fp8
+    models = []
+    for k, src in enumerate((a, b)):
+        dest = tmp_path / f"ue{k}"
+        shutil.copytree(src, dest)
+        config = json.loads((dest / "config.json").read_text())
+        config["quantization_config"]["scale_fmt"] = "ue8m0"
+        (dest / "config.json").write_text(json.dumps(config))
+        models.append(dest)
+    recipe = write_recipe(tmp_path, LINEAR.format(a=models[0], b=models[1]))
+    result = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", "24K")
+    assert result.exit_code == 0, result.output
+    got = output_tensors(tmp_path / "out")
+    name = "model.layers.1.mlp.down_proj.weight"
+    merged = linear(ea[name], eb[name])
+    amax = merged.abs().amax()  # [64, 128]: one tile
+    scale = torch.pow(2.0, torch.ceil(torch.log2(amax / 448)))
+    assert torch.equal(got[name + "_scale_inv"], scale.reshape(1, 1))
+    assert torch.equal(got[name].view(torch.uint8), (merged / scale).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))

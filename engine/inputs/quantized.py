@@ -49,6 +49,10 @@ class QuantFormat:
     quant_method: str
     tensors: int = 0  # quantized weights found
     partners: list[str] = field(default_factory=list)  # partner tensor names consumed
+    block: tuple[int, int] | None = None  # block FP8: the tile (what engine/builders/requantize.py writes back)
+    scale_suffix: str = "_scale_inv"
+    ue8m0: bool = False  # scales rounded up to powers of two
+    scale_dtypes: dict[str, torch.dtype] = field(default_factory=dict)  # weight name -> its scale's stored dtype
 
     def describe(self) -> str:
         return f"{self.name} ({self.tensors} quantized tensors)"
@@ -64,6 +68,7 @@ class QuantizedRows(ComputedRows):
     def __init__(self, stored: TensorInfo, partners: dict[str, tuple[TensorInfo, str]], shape: tuple[int, ...],
                  dequantize, scale_rows=None, align: int = 1):
         self.stored, self.partners, self.shape, self._dequantize = stored, partners, shape, dequantize
+        self.format: QuantFormat | None = None  # set by the format's reader
         self._scale_rows = scale_rows or (lambda start, stop: (start, stop))
         self.align = align
         out_row = math.prod(shape[1:]) * F32 if len(shape) > 1 else F32
@@ -181,7 +186,8 @@ def _fp8(tensors: dict[str, TensorInfo], qc: dict, label: str, logical: torch.dt
     if block is not None:
         if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
             raise MergeError(f"model '{label}': quantization_config.weight_block_size must be two positive integers, got {block!r}")
-        fmt = QuantFormat(f"block FP8 {block[0]}x{block[1]}" + (" (ue8m0 scales)" if qc.get("scale_fmt") == "ue8m0" else ""), "fp8")
+        fmt = QuantFormat(f"block FP8 {block[0]}x{block[1]}" + (" (ue8m0 scales)" if qc.get("scale_fmt") == "ue8m0" else ""), "fp8",
+                          block=(block[0], block[1]), ue8m0=qc.get("scale_fmt") == "ue8m0")
         suffix = "_scale_inv"
     else:
         fmt = QuantFormat("per-tensor FP8", "fp8")
@@ -207,6 +213,8 @@ def _fp8(tensors: dict[str, TensorInfo], qc: dict, label: str, logical: torch.dt
                 raise MergeError(f"model '{label}': scale '{name + suffix}' has shape {list(scale.shape)}; per-tensor FP8 "
                                  "needs one number (or set weight_block_size)")
             rows = QuantizedRows(info, {"scale": (scale, "whole")}, info.shape, dequant_per_tensor)
+        rows.format = fmt
+        fmt.scale_dtypes[name] = scale.dtype
         out[name] = _logical(info, info.shape, logical, rows)
         out.pop(name + suffix)
         fmt.partners.append(name + suffix)

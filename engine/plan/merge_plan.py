@@ -51,6 +51,7 @@ class MergePlan:
     vocabulary: VocabularyPlan | None = None  # the output tokenizer and permutations (tokenizer_source / tokenizer:)
     chat_template: str | None = None  # the output tokenizer's chat template (recipe `chat_template`, resolved)
     stages: list[dict] = field(default_factory=list)  # a multi-stage recipe's stages, output last (engine/builders/stages.py)
+    quantized_output: dict = field(default_factory=dict)  # what is written quantized (engine/builders/requantize.py)
 
 
 def natural_key(name: str) -> list:
