@@ -127,7 +127,9 @@ def test_cost_model_predicts_the_statistics_state_a_chunked_ties_tensor_holds(mo
 def test_admission_waits_while_measured_rss_leaves_no_room():
     """Declared bytes fit, but the process's RSS is already at the limit: the next unit waits
     for a running one to finish instead of crossing the budget."""
-    admission = Admission(work_budget=1 << 40, rss_limit=current_rss() - (1 << 20))
+    # a limit well under the RSS: trimming the heap (which admission does before it waits) cannot reach it, as it
+    # could when a limit 1 MiB under the RSS followed tests that left freed memory behind
+    admission = Admission(work_budget=1 << 40, rss_limit=current_rss() // 2)
     stopping = threading.Event()
     assert admission.admit(0, 1 << 20, stopping)  # nothing runs: admitted whatever the RSS
     admission.loaded(1 << 20)
@@ -144,7 +146,9 @@ def test_a_held_statistics_state_alone_does_not_stall_admission():
     """Only a chunked tensor's statistics state is held (its previous unit has ended) and the RSS
     sits above the limit: nothing running could free memory, so the next unit of that tensor
     must start at once. (Waiting here stalled a resumed TIES run for minutes.)"""
-    admission = Admission(work_budget=1 << 40, rss_limit=current_rss() - (1 << 20))
+    # a limit well under the RSS: trimming the heap (which admission does before it waits) cannot reach it, as it
+    # could when a limit 1 MiB under the RSS followed tests that left freed memory behind
+    admission = Admission(work_budget=1 << 40, rss_limit=current_rss() // 2)
     stopping = threading.Event()
     state, unit = 4 << 20, 1 << 20
     assert admission.admit(0, unit + state, stopping)  # first unit of the tensor: its own bytes + the state

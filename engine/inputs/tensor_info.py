@@ -11,6 +11,7 @@ of the engine but dtype arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -42,14 +43,15 @@ class TensorInfo:
     shape: tuple[int, ...]
     patch: TensorPatch | None = None
 
-    @property
+    # computed once per tensor (a 92k-tensor plan asks millions of times); not fields: `replace` recomputes them
+    @cached_property
     def nbytes(self) -> int:
         return tensor_bytes(self.shape, self.dtype)
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return num_rows(self.shape)
 
-    @property
+    @cached_property
     def row_bytes(self) -> int:
         return row_elements(self.shape) * element_size(self.dtype)

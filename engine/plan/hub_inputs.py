@@ -75,9 +75,12 @@ def plan_snapshots(sources: dict) -> list[HubSnapshot]:
 
 def hub_inputs(plan: MergePlan) -> list[HubInput]:
     """Per Hub model the plan reads from: the files and bytes it reads, and what is cached."""
+    snapshots = plan_snapshots(plan.sources)
+    if not snapshots:
+        return []
     files = read_files(plan)
     out = []
-    for snapshot in plan_snapshots(plan.sources):
+    for snapshot in snapshots:
         names = sorted(f.relative_to(snapshot.path).as_posix() for f in files if f.is_relative_to(snapshot.path))
         if not names:
             continue

@@ -9,7 +9,8 @@ plain parameter values already resolved for this tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -25,15 +26,15 @@ class OutputTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return tensor_bytes(self.shape, self.dtype)
 
-    @property
+    @cached_property
     def row_bytes(self) -> int:
         return row_elements(self.shape) * element_size(self.dtype)
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return num_rows(self.shape)
 
@@ -49,8 +50,11 @@ class TensorTask:
     params: dict[str, Any]  # global values, and per-model lists aligned with `inputs`
     method: MergeMethod
     base_model: str | None = None
+    # values later stages derive from the task alone (the cost model's per-row bytes), computed once;
+    # not an init field, so `dataclasses.replace` gives a new task a memo of its own
+    memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @property
+    @cached_property
     def all_inputs(self) -> tuple[tuple[str, TensorInfo], ...]:
         """(model, tensor) of every input, base first."""
         base = ((self.base_model, self.base),) if self.base is not None else ()

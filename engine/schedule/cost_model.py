@@ -52,7 +52,14 @@ def is_plain_copy(task: TensorTask) -> bool:
 
 
 def row_cost(task: TensorTask, apply: bool = True) -> int:
-    """Live bytes per output row of one unit of `task`, statistics excluded."""
+    """Live bytes per output row of one unit of `task`, statistics excluded (computed once per task)."""
+    key = ("row_cost", apply)
+    if key not in task.memo:
+        task.memo[key] = _row_cost(task, apply)
+    return task.memo[key]
+
+
+def _row_cost(task: TensorTask, apply: bool) -> int:
     elems = row_elements(task.output.shape)
     if is_plain_copy(task):
         return task.inputs[0].row_bytes
@@ -73,7 +80,9 @@ def held_bytes(task: TensorTask) -> int:
 
 def fixed_cost(task: TensorTask) -> int:
     """Live bytes a unit of `task` holds whatever its row count (e.g. LoRA A/B matrices)."""
-    return sum(info.patch.fixed_bytes for _, info in task.all_inputs if info.patch is not None)
+    if "fixed_cost" not in task.memo:
+        task.memo["fixed_cost"] = sum(info.patch.fixed_bytes for _, info in task.all_inputs if info.patch is not None)
+    return task.memo["fixed_cost"]
 
 
 @dataclass(frozen=True)

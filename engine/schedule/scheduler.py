@@ -126,10 +126,14 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
         state_bytes[i] = 0 if inline else footprint.state_bytes(rows) + held_bytes(task)
         merge_bytes[task.output.name] = unit_bytes(task, footprint, statistics, chunk, inline)
         first_pass = statistics if inline else 0
+        sizes: dict[tuple[int, int], int] = {}  # equal chunks: a pass's units share at most two sizes
         for p in range(first_pass, statistics + 1):  # rule 2: a tensor's units are consecutive
             for start in range(0, rows, chunk):
                 stop = min(rows, start + chunk)
-                units.append(WorkUnit(i, p, start, stop, unit_bytes(task, footprint, p, stop - start, inline)))
+                size = sizes.get((p, stop - start))
+                if size is None:
+                    size = sizes[p, stop - start] = unit_bytes(task, footprint, p, stop - start, inline)
+                units.append(WorkUnit(i, p, start, stop, size))
     peak = predicted_peak(units, state_bytes, workers, work_budget, baseline)
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes, state_bytes)
 
