@@ -344,6 +344,17 @@ def gather_rows(info: TensorInfo, rows: list[int]) -> torch.Tensor:
     return values[torch.tensor([position[r] for r in rows], dtype=torch.int64)]
 
 
+def refuse_outside_name(name: str, listed_in: Path) -> None:
+    """A file name an index (written by whoever made the model) gives must name a file inside the model's
+    own folder: no `..` component, no absolute path, drive or URL form. Decided on the name as written:
+    links the user made inside their own folder are theirs and are followed."""
+    parts = name.replace("\\", "/").split("/")
+    if (not name or name.startswith(("/", "~")) or ".." in parts or ":" in name or "\\" in name
+            or "" in parts):
+        raise MergeError(f"{listed_in}: names the file '{name}', which is not inside the model's folder; mergeng reads "
+                         "only the model's own files (the index may have been made to reach elsewhere: get the model again)")
+
+
 class ModelSource:
     """A model folder: config.json plus model.safetensors or a sharded index. A Hub model's folder is
     its snapshot in the HF cache (`remote`: engine/inputs/hub.py's HubSnapshot); what is not cached
@@ -411,7 +422,11 @@ class ModelSource:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError):
                 raise MergeError(f"{index}: not a valid index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise MergeError(f"{index}: not a valid index (weight_map must map tensor names to file names)")
             files = list(dict.fromkeys(weight_map.values()))
+            for f in files:
+                refuse_outside_name(f, index)
             missing = [f for f in files if not self._has(f)]
             if missing:
                 raise MergeError(f"model '{self.label}': shard {missing[0]} listed in the index is missing")
