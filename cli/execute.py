@@ -92,6 +92,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     `quiet`: warnings only (no progress bar, no summary line). `run_units`: run_merge's (a Ray cluster)."""
     from ..engine.output.journal import STATE_DIR
     from ..engine.schedule.memory import format_size
+    from ..engine.execute.nonfinite import NonFinite
     from ..engine.plan.hub_inputs import hub_inputs
     from ..engine.run import run_merge
     from .progress import MergeProgress
@@ -111,6 +112,9 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)
+    nonfinite = NonFinite.summary(profile.get("nonfinite"))
+    if nonfinite:
+        console.print(f"[yellow]warning:[/yellow] {nonfinite}", highlight=False, soft_wrap=True)
     if quiet:
         return profile
     resumed = " (resumed)" if profile["resumed"] else ""

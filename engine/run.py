@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +27,7 @@ from ..version import __version__
 from .inputs.architecture_mix import refuse_mixed_architectures
 from ..errors import MergeError
 from .execute.executor import Executor
+from .execute.nonfinite import NonFinite
 from .output.journal import STATE_DIR, Journal, covered_rows, recorded_fingerprint
 from .inputs.hub import HubOptions, traffic, using_hub
 from .plan.hub_inputs import fetch_hub_inputs, hub_inputs, input_identities
@@ -77,7 +79,7 @@ def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, bu
     plan.warnings += hub_warnings(plan)
     if strict:
         refuse_warnings(plan)
-    return prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes)
+    return replace(prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes), strict=strict)
 
 
 def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
@@ -95,7 +97,7 @@ def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | Non
     plan.warnings += hub_warnings(plan)
     if strict:
         refuse_warnings(plan)
-    return prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes)
+    return replace(prepare_plan(plan, recipe_text, budget, shard_size, workers, max_unit_bytes), strict=strict)
 
 
 def prepared_stages_on_disk(recipe_path: str | Path, intermediate_dir: Path, out_dir: Path, budget: int | None = None,
@@ -299,7 +301,7 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
                           "inputs": {str(h.snapshot.ref): h.snapshot.identity for h in hub}}
     with output_errors(out_dir, exit_code=1):
         (out_dir / STATE_DIR / "profile.json").write_text(json.dumps(profile))
-        write_report(prepared.plan, out_dir / STATE_DIR / "report.json")
+        write_report(prepared.plan, out_dir / STATE_DIR / "report.json", figures.get("nonfinite"))
     journal.close()
     return profile
 
@@ -312,16 +314,22 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
                    on_progress: Callable[[int], None] | None) -> dict:
     """Run the unfinished units in this process: worker threads under the budget (engine/execute/executor.py)."""
     tune_allocator()
-    executor = Executor(prepared.plan.tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress)
-    executor.run(finished)
-    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits}
+    executor = Executor(prepared.plan.tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress,
+                        NonFinite(prepared.strict))
+    try:
+        executor.run(finished)
+    finally:
+        nonfinite = executor.nonfinite.figures()
+        if nonfinite["inputs"] or nonfinite["outputs"]:  # said even when --strict stopped the run
+            write_report(prepared.plan, Path(writer.out_dir) / STATE_DIR / "report.json", nonfinite)
+    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite}
 
 
-def write_report(plan: MergePlan, path: Path) -> None:
+def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None) -> None:
     """Every output tensor (merged or copied, from which models) and every input tensor left out, with
-    why; a multi-stage recipe's stages."""
+    why; a multi-stage recipe's stages; the non-finite values the run met."""
     report = {"inputs": input_identities(plan), "tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
-              "warnings": plan.warnings}
+              "warnings": plan.warnings, "nonfinite": nonfinite or {"inputs": {}, "outputs": {}}}
     if plan.stages:
         report["stages"] = plan.stages
     path.write_text(json.dumps(report, indent=1))

@@ -40,3 +40,46 @@ def test_links_the_user_made_are_followed(tmp_path, tiny_models):
     recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n")
     result = cli("run", recipe, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
+
+
+def _with_nan(tmp_path, tiny_models, where: tuple[int, int] = (3, 5)):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(tiny_models["a"], model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.up_proj.weight"
+    shard = model / index[name]
+    tensors = load_file(shard)
+    tensors[name][where] = float("nan")
+    tensors[name][0, 0] = float("inf")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return model, name
+
+
+def test_non_finite_inputs_are_counted_and_said_never_silent(tmp_path, tiny_models):
+    model, name = _with_nan(tmp_path, tiny_models)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['b']}\n    parameters: {{weight: 0.5}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", "4K")  # several chunks: counted once each
+    assert result.exit_code == 0, result.output
+    assert "NaN/Inf" in result.output and name in result.output and "2 reached the output" in result.output
+    report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
+    assert report["nonfinite"] == {"inputs": {str(model): {name: 2}}, "outputs": {name: 2}}
+
+
+def test_strict_stops_at_the_first_non_finite_value_and_the_run_resumes_without_it(tmp_path, tiny_models):
+    model, name = _with_nan(tmp_path, tiny_models)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out", "--strict")
+    assert result.exit_code == 1 and "non-finite" in result.output and name in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_finite_inputs_report_nothing(tmp_path, tiny_models):
+    recipe = write_recipe(tmp_path, f"merge_method: slerp\nbase_model: {tiny_models['base']}\nmodels:\n"
+                                    f"  - model: {tiny_models['base']}\n  - model: {tiny_models['a']}\nparameters: {{t: 0.5}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 0 and "NaN" not in result.output
+    report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
+    assert report["nonfinite"] == {"inputs": {}, "outputs": {}}

@@ -42,6 +42,7 @@ from ..plan.merge_plan import TensorTask
 from ..schedule.scheduler import RUNTIME_OVERHEAD, Schedule, WorkUnit
 from ..inputs.source import ComputedRows, aligned_stored_inputs, read_rows
 from ..plan.statistics import TensorStatistics
+from .nonfinite import NonFinite
 from .tensor_rows import apply_method, read_inputs, statistics_partial
 from ..output.writer import ShardWriter
 
@@ -145,8 +146,9 @@ def intra_op_threads(workers: int) -> Iterator[None]:
 
 class Executor:
     def __init__(self, tasks: list[TensorTask], schedule: Schedule, writer: ShardWriter, journal: Journal,
-                 seed: int = 0, on_progress: Callable[[int], None] | None = None):
+                 seed: int = 0, on_progress: Callable[[int], None] | None = None, nonfinite: NonFinite | None = None):
         self.tasks = tasks
+        self.nonfinite = nonfinite or NonFinite()
         self.schedule = schedule
         self.writer = writer
         self.journal = journal
@@ -321,6 +323,7 @@ class Executor:
         if is_apply and is_plain_copy(task):
             out = read_rows(task.inputs[0], unit.row_start, unit.row_stop)
             admission.loaded(unit.live_bytes)
+            self.nonfinite.check_inputs(task, None, [out], unit.row_start)
         else:
             try:
                 base, inputs = read_inputs(task, unit.row_start, unit.row_stop)
@@ -331,9 +334,11 @@ class Executor:
                            statistics_partial(task, unit.pass_index, base, inputs, unit.row_start, unit.row_stop,
                                               self.seed, state.stats))
                 return None
+            self.nonfinite.check_inputs(task, base, inputs, unit.row_start)
             out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
                                None if state is None else state.stats)
             del base, inputs
+        self.nonfinite.check_output(task.output.name, out, unit.row_start)
         raw = out.contiguous().view(-1).view(torch.uint8).numpy() if out.numel() else b""
         crc = zlib.crc32(raw)
         self.writer.write_rows(task.output.name, unit.row_start, out)

@@ -31,6 +31,7 @@ class Prepared:
     schedule: Schedule
     layout: ShardLayout
     recipe_text: str
+    strict: bool = False  # --strict: the run also stops at the first non-finite value (execute/nonfinite.py)
 
 
 def prepare_plan(plan: MergePlan, recipe_text: str, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,

@@ -1,0 +1,76 @@
+"""NaN and Inf are counted as they pass, never merged in silence.
+
+Each apply unit checks the rows it read of every input and the rows it writes (a pass of isfinite over
+memory the merge touches anyway); statistics passes are not counted, so each input row is counted once
+per task that reads it. `run` says which tensors of which model held non-finite values and how many
+reached the output, in its summary, profile.json and report.json; with `--strict` the first one stops
+the run (exit 1; what was written is kept and resumes).
+Invariant: counting never changes a byte of the output.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ...errors import MergeError
+
+
+def _count(x: torch.Tensor | None) -> int:
+    if x is None or not x.is_floating_point() or not x.numel():
+        return 0
+    finite = torch.isfinite(x)
+    return 0 if bool(finite.all()) else int(finite.numel() - finite.sum())
+
+
+class NonFinite:
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self._lock = threading.Lock()
+        self.inputs: dict[str, dict[str, int]] = {}  # model -> tensor -> non-finite values read
+        self.outputs: dict[str, int] = {}  # output tensor -> non-finite values written
+
+    def check_inputs(self, task, base: torch.Tensor | None, inputs: list[torch.Tensor], start: int) -> None:
+        tensors = ([(task.base_model, task.base, base)] if task.base is not None else []) + \
+            [(model, info, x) for model, info, x in zip(task.input_models, task.inputs, inputs)]
+        for model, info, x in tensors:
+            n = _count(x)
+            if n:
+                self._add_input(str(model), info.name, n, start)
+
+    def check_output(self, name: str, out: torch.Tensor, start: int) -> None:
+        n = _count(out)
+        if n:
+            with self._lock:
+                self.outputs[name] = self.outputs.get(name, 0) + n
+            if self.strict:
+                raise MergeError(f"tensor '{name}': {n} non-finite value(s) (NaN/Inf) in output rows from {start}; "
+                                 "--strict stops here (what was written is kept)", exit_code=1)
+
+    def _add_input(self, model: str, tensor: str, n: int, start: int) -> None:
+        with self._lock:
+            per = self.inputs.setdefault(model, {})
+            per[tensor] = per.get(tensor, 0) + n
+        if self.strict:
+            raise MergeError(f"model '{model}': tensor '{tensor}' holds {n} non-finite value(s) (NaN/Inf) in rows from "
+                             f"{start}; --strict stops here (what was written is kept)", exit_code=1)
+
+    def figures(self) -> dict:
+        return {"inputs": self.inputs, "outputs": self.outputs}
+
+    @staticmethod
+    def summary(figures: dict | None) -> str | None:
+        """One line for the run's summary, or None when every value was finite."""
+        if not figures or not (figures.get("inputs") or figures.get("outputs")):
+            return None
+        read = [(m, t, n) for m, per in figures["inputs"].items() for t, n in per.items()]
+        parts = []
+        if read:
+            m, t, n = read[0]
+            more = f" and {len(read) - 1} more tensor(s)" if len(read) > 1 else ""
+            parts.append(f"inputs held non-finite values: {n} in '{t}' of model '{m}'{more}")
+        written = sum(figures["outputs"].values())
+        parts.append(f"{written} reached the output in {len(figures['outputs'])} tensor(s)" if written
+                     else "none reached the output")
+        return "NaN/Inf: " + "; ".join(parts) + " (report.json lists them)"
