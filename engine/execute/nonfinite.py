@@ -17,9 +17,16 @@ import torch
 from ...errors import MergeError
 
 
+# float8 has no isfinite kernel: its non-finite bit patterns (e4m3fn: NaN only, S.1111.111; e5m2: exponent all ones)
+FLOAT8_NONFINITE = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C)}
+
+
 def _count(x: torch.Tensor | None) -> int:
     if x is None or not x.is_floating_point() or not x.numel():
         return 0
+    if x.dtype in FLOAT8_NONFINITE:
+        mask, pattern = FLOAT8_NONFINITE[x.dtype]
+        return int(((x.view(torch.uint8) & mask) == pattern).sum())
     finite = torch.isfinite(x)
     return 0 if bool(finite.all()) else int(finite.numel() - finite.sum())
 
