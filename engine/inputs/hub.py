@@ -473,8 +473,8 @@ class RemoteFile:
         end = pos + n - 1
         expected = f"bytes {pos}-{end}/{self.size}"
         for attempt in range(RETRIES):
-            url = self._location(refresh=attempt > 0)
             try:
+                url = self._location(refresh=attempt > 0)  # a HEAD that fails on the network is retried too
                 with get_session().stream("GET", url, headers={**self._headers(url), "Range": f"bytes={pos}-{end}"},
                                           follow_redirects=True) as r:
                     traffic.add(requests=1)
