@@ -86,6 +86,7 @@ def run(
     write_threads: Optional[int] = mk.WriteThreadsOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
     stream: bool = StreamOption,
+    no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even when the output's filesystem (or the HF cache's) has less free space than the merge needs."),
     lora_merge_cache: Optional[str] = mk.LoraMergeCacheOption,
     lora_merge_dtype: Optional[str] = mk.LoraMergeDtypeOption,
 ):
@@ -105,7 +106,8 @@ def run(
     run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
-               intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream)
+               intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream,
+               space_check=not no_space_check)
 
 
 @app.command()

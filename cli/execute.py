@@ -29,7 +29,7 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
                strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
                quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
-               executor: str = "local", address: Optional[str] = None, stream: bool = False) -> None:
+               executor: str = "local", address: Optional[str] = None, stream: bool = False, space_check: bool = True) -> None:
     """`mergeng run` with plain arguments (also `lora apply`'s body)."""
     from ..engine.inputs.hub import HubOptions
     from ..engine.run import hub_pins, prepare, prepared_stages_on_disk
@@ -72,7 +72,8 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
             from .plan_view import render_text
 
             render_text(prepared, console)
-        execute(prepared, target, fresh, quiet=quiet, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card)
+        execute(prepared, target, fresh, quiet=quiet, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
+                space_check=space_check)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
         fail(e, debug)
 
@@ -85,7 +86,7 @@ def output_folder(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path
 
 
 def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_peak: int = 0, *, quiet: bool = False,
-            copy_tokenizer: bool = True, write_model_card: bool = True, run_units=None) -> dict:
+            copy_tokenizer: bool = True, write_model_card: bool = True, run_units=None, space_check: bool = True) -> dict:
     """Run a prepared merge with warnings, a progress bar, a one-line summary and Ctrl-C handling.
 
     `earlier_peak`: RSS peak of work the command did before the merge (e.g. computing MoE routers).
@@ -108,7 +109,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
             with MergeProgress(shown, total, fetch) as progress:
                 profile = run_merge(prepared, target, fresh, on_start=progress.start, on_progress=progress.advance,
                                     copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, run_units=run_units,
-                                    on_fetch=progress.fetched)
+                                    on_fetch=progress.fetched, space_check=space_check)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)

@@ -18,7 +18,7 @@ from ..errors import MergeError
 
 ALIASES = {"out_shard_size": "shard_size", "random_seed": "seed", "unsafe_truncate_embeddings": "truncate_vocab"}
 PLAN_OPTIONS = {"shard_size", "workers", "max_unit", "seed", "strict", "truncate_vocab", "allow_crimes", "stream"}
-MERGE_OPTIONS = PLAN_OPTIONS | {"fresh", "copy_tokenizer", "write_model_card"}
+MERGE_OPTIONS = PLAN_OPTIONS | {"fresh", "copy_tokenizer", "write_model_card", "space_check"}
 
 
 def plan(recipe: str | Path | dict, ram: int | str | None = None, **options: Any):
@@ -37,7 +37,7 @@ def merge(recipe: str | Path | dict, out: str | Path, ram: int | str | None = No
 
     prepared, given = _prepare(recipe, ram, options, MERGE_OPTIONS, out)
     return run_merge(prepared, Path(out), given.get("fresh", False), copy_tokenizer=given.get("copy_tokenizer", True),
-                     write_model_card=given.get("write_model_card", True))
+                     write_model_card=given.get("write_model_card", True), space_check=given.get("space_check", True))
 
 
 def _prepare(recipe, ram, options: dict, allowed: set[str], out: str | Path | None = None):

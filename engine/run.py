@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sqlite3
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from .inputs.source import file_stamp
 from .builders.requantize import requantize_block_fp8
 from .builders.stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
 from .output.writer import DEFAULT_SHARD_SIZE, ShardWriter
+from .output.space import JOURNAL_BYTES, disk_full, is_disk_full, require_space, still_to_write
 from .output.folder import clear_previous_output, output_errors, refuse_unsafe_output
 from .execute.prepared import Prepared, prepare_plan
 
@@ -242,7 +244,7 @@ def _shown(path: str) -> str:
 def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
               on_start: Callable[[int], None] | None = None, on_progress: Callable[[int], None] | None = None, *,
               copy_tokenizer: bool = True, write_model_card: bool = True, run_units: RunUnits | None = None,
-              on_fetch: Callable[[int], None] | None = None) -> dict:
+              on_fetch: Callable[[int], None] | None = None, space_check: bool = True) -> dict:
     """Merge into `out_dir`, resuming a matching interrupted run; returns measured figures.
 
     `copy_tokenizer=False` leaves the tokenizer out of the output, `write_model_card=False` its README.md
@@ -254,7 +256,18 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
     require_feasible(prepared.schedule)
     tokenizer_donor(prepared.plan)  # a bad tokenizer_source fails here, not after the merge
     refuse_unsafe_output(out_dir, input_folders(prepared))
-    fetch_hub_inputs(hub_inputs(prepared.plan), on_fetch)  # before the output is touched: a failed download loses nothing
+    hub = hub_inputs(prepared.plan)
+    if space_check:  # before anything is fetched or written: what cannot fit is refused now, not halfway
+        fetch = sum(h.fetch_bytes for h in hub)
+        if fetch:
+            require_space(hub[0].snapshot.path, fetch, "the HF cache")
+        require_space(out_dir, still_to_write(out_dir, prepared.layout.shards) + JOURNAL_BYTES, "output folder")
+    try:
+        fetch_hub_inputs(hub, on_fetch)  # before the output is touched: a failed download loses nothing
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(hub[0].snapshot.path if hub else out_dir) from None
+        raise
     fp = fingerprint(prepared)
     with output_errors(out_dir):
         if fresh:
@@ -279,6 +292,10 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
     with RssSampler() as sampler:
         try:
             figures = (run_units or run_units_here)(prepared, writer, journal, finished, on_progress)
+        except (OSError, sqlite3.Error) as e:
+            if is_disk_full(e):  # a full disk the writer and journal did not see first (the heap, a temp file)
+                raise disk_full(out_dir, still_to_write(out_dir, prepared.layout.shards)) from None
+            raise
         finally:
             writer.close()
     with output_errors(out_dir, exit_code=1):

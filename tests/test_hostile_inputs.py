@@ -83,3 +83,73 @@ def test_finite_inputs_report_nothing(tmp_path, tiny_models):
     assert result.exit_code == 0 and "NaN" not in result.output
     report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
     assert report["nonfinite"] == {"inputs": {}, "outputs": {}}
+
+
+# -- disks that fill ---------------------------------------------------------------------------
+
+def test_a_merge_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, tiny_models, monkeypatch):
+    import shutil as sh
+
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n    parameters: {{weight: 1.0}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "needs" in result.output and "free" in result.output and "--no-space-check" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert cli("run", recipe, "-o", tmp_path / "out", "--no-space-check").exit_code == 0
+
+
+def test_a_journal_commit_on_a_full_disk_is_one_line_and_the_same_command_resumes_byte_identical(tmp_path, tiny_models, monkeypatch):
+    import sqlite3
+
+    from mergeng.engine.output.journal import Journal
+
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['b']}\n    parameters: {{weight: 0.5}}\n")
+    assert cli("run", recipe, "-o", tmp_path / "ref", "--max-unit", "8K").exit_code == 0
+    real, calls = Journal.record, {"n": 0}
+
+    def full_after_some(self, chunks):
+        calls["n"] += 1
+        if calls["n"] >= 1:  # the commit finds the disk full (a merge this small commits once, at its end)
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, chunks)
+
+    with monkeypatch.context() as m:
+        m.setattr(Journal, "record", full_after_some)
+        result = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", "8K")
+    assert result.exit_code == 1 and "is full" in result.output and "run the same command again to resume" in result.output
+    assert "internal error" not in result.output and len(result.output.strip().splitlines()) == 1
+    again = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", "8K")
+    assert again.exit_code == 0 and "(resumed)" in again.output, again.output
+    assert ({p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.safetensors")}
+            == {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.safetensors")})
+
+
+def test_a_real_filesystem_that_fills_mid_run(tmp_path, tiny_models):
+    """A tmpfs half the output's size: the run stops in one line naming the filesystem; with the
+    room made, the same command resumes to the same bytes. Needs the right to mount (skipped otherwise)."""
+    import subprocess
+
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['b']}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    assert cli("run", recipe, "-o", tmp_path / "ref", "--shard-size", "100K").exit_code == 0
+    size = sum(p.stat().st_size for p in (tmp_path / "ref").glob("*.safetensors"))
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 2 // 4096 * 4096}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        refused = cli("run", recipe, "-o", mnt / "out", "--shard-size", "100K")
+        assert refused.exit_code == 2 and "needs" in refused.output and str(mnt) in refused.output
+        result = cli("run", recipe, "-o", mnt / "out", "--shard-size", "100K", "--no-space-check")
+        assert result.exit_code == 1 and "is full" in result.output and str(mnt) in result.output, result.output
+        assert "resume" in result.output and len(result.output.strip().splitlines()) == 1
+        subprocess.run(["mount", "-o", f"remount,size={4 * size}", str(mnt)], check=True)
+        again = cli("run", recipe, "-o", mnt / "out", "--shard-size", "100K")
+        assert again.exit_code == 0, again.output
+        assert ({p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.safetensors")}
+                == {p.name: p.read_bytes() for p in (mnt / "out").glob("*.safetensors")})
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -21,6 +21,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+from .space import disk_full, is_disk_full
+
 STATE_DIR = ".mergeng"
 
 
@@ -70,9 +72,14 @@ class Journal:
             self.db.executemany("DELETE FROM chunks WHERE tensor=?", [(t,) for t in tensors])
 
     def record(self, chunks: list[tuple[str, int, int, int]]) -> None:
-        """Record chunks whose bytes are already durable."""
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)", chunks)
+        """Record chunks whose bytes are already durable; a commit that fails records none of them."""
+        try:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)", chunks)
+        except (sqlite3.OperationalError, OSError) as e:
+            if is_disk_full(e):
+                raise disk_full(self.dir) from None
+            raise
 
     def close(self) -> None:
         self.db.close()

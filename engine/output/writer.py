@@ -22,6 +22,7 @@ from ..inputs.dtypes import TORCH_TO_SAFETENSORS
 from ...errors import MergeError
 from ..inputs.source import read_rows
 from ..plan.tensor_task import OutputTensor
+from .space import disk_full, is_disk_full, still_to_write
 
 DEFAULT_SHARD_SIZE = 5 * 10**9  # what transformers' save_pretrained uses
 PARTIAL_SUFFIX = ".partial"
@@ -137,8 +138,8 @@ class ShardWriter:
             while done < len(view):
                 done += os.pwrite(fd, view[done:], offset + done)
         except OSError as e:
-            if e.errno == 28:  # ENOSPC
-                raise MergeError(f"disk full while writing {file_name} in {self.out_dir}: free space and run the same command again to resume", exit_code=1) from None
+            if is_disk_full(e):
+                raise disk_full(self.out_dir, still_to_write(self.out_dir, self.layout.shards)) from None
             raise MergeError(f"cannot write {file_name}: {e.strerror}", exit_code=1) from None
 
     def sync_file(self, file_name: str) -> None:
@@ -146,6 +147,8 @@ class ShardWriter:
         try:
             os.fdatasync(self._fds[file_name])
         except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.out_dir, still_to_write(self.out_dir, self.layout.shards)) from None
             raise MergeError(f"cannot write {file_name} in {self.out_dir}: {e.strerror}", exit_code=1) from None
 
     def is_open(self, shard: Shard) -> bool:
