@@ -73,5 +73,5 @@ def is_disk_full(e: BaseException) -> bool:
 
 def disk_full(where: Path, needed: int | None = None) -> MergeError:
     still = f"; {format_size(needed)} still to write" if needed else ""
-    return MergeError(f"the filesystem of {where} ({mount_point(where)}) is full{still}: what was written is kept; free "
+    return MergeError(f"disk full: the filesystem of {where} ({mount_point(where)}) is full{still}: what was written is kept; free "
                       "space and run the same command again to resume", exit_code=1)
