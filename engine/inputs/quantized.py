@@ -322,9 +322,7 @@ def _compressed_tensors(tensors: dict[str, TensorInfo], qc: dict, label: str, lo
             elif scale.rows not in (shape[0], 1) or (scale.rows == 1 and shape[0] != 1 and scale.nbytes != element_size(scale.dtype)):
                 raise MergeError(f"model '{label}': scale '{module}.weight_scale' has shape {list(scale.shape)}, which does "
                                  f"not fit weight '{name}' of shape {list(shape)}")
-            how = {k: ("rows" if p.rows == shape[0] and k not in ("weight_shape", "weight_global_scale") and p.rows > 1
-                       or (k == "weight_scale" and block is not None) else "whole") for k, p in parts.items()}
-            rows = QuantizedRows(info, {k: (p, how[k]) for k, p in parts.items()}, shape,
+            rows = QuantizedRows(info, {k: (p, _ct_reading(k, p, shape[0], block)) for k, p in parts.items()}, shape,
                                  dequant_compressed_tensors(compressor, scheme, stored_key), scale_rows, align)
             logical_name = f"{module}.weight"
             out[logical_name] = replace(info, name=logical_name, dtype=logical, shape=shape, patch=rows)
@@ -337,3 +335,13 @@ def _compressed_tensors(tensors: dict[str, TensorInfo], qc: dict, label: str, lo
             fmt.tensors += 1
     return out, fmt
 
+
+def _ct_reading(key: str, partner: TensorInfo, rows: int, block) -> str:
+    """How a compressed-tensors partner is read for a slice of weight rows: block scales by their rows of
+    blocks, per-row scales and zero points by the same rows, everything else (per-tensor scales, the
+    global scale, the shape vector) whole."""
+    if key == "weight_scale" and block is not None:
+        return "rows"
+    if key in ("weight_shape", "weight_global_scale") or partner.rows <= 1 or partner.rows != rows:
+        return "whole"
+    return "rows"
