@@ -410,3 +410,17 @@ def test_ue8m0_scales_are_written_as_powers_of_two(tmp_path, fp8):
     scale = torch.pow(2.0, torch.ceil(torch.log2(amax / 448)))
     assert torch.equal(got[name + "_scale_inv"], scale.reshape(1, 1))
     assert torch.equal(got[name].view(torch.uint8), (merged / scale).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8))
+
+
+def test_scales_kept_from_the_codes_equal_scales_computed_again(tmp_path, fp8, monkeypatch):
+    """The scale task takes the tile scales the codes computed; where they are missing (a resumed run) it
+    computes them again: the same bytes either way."""
+    from mergeng.engine.builders.requantize import BandScales
+
+    (a, _), (b, _) = fp8
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b))
+    assert cli("run", recipe, "-o", tmp_path / "kept", "--max-unit", "24K").exit_code == 0
+    monkeypatch.setattr(BandScales, "take", lambda self, start, stop: None)
+    assert cli("run", recipe, "-o", tmp_path / "again", "--max-unit", "24K").exit_code == 0
+    assert ({p.name: p.read_bytes() for p in (tmp_path / "kept").glob("*.safetensors")}
+            == {p.name: p.read_bytes() for p in (tmp_path / "again").glob("*.safetensors")})

@@ -9,12 +9,14 @@ Which tensors: exactly those whose base (or first) input is a block-FP8 weight o
 config donor's; everything else is written as the recipe says. The output keeps the donor's
 `quantization_config`. Quantizing each tile depends only on that tile's merged values, so the bytes are
 those of the reference requantization (DeepSeek's rule) of the merged float32 tensor, whatever the chunking.
-Cost: a quantized tensor's merge is computed twice (once for its codes, once for its scales).
+The scales the codes computed are kept by band (BandScales) for the scale task; a band whose codes did
+not run first (a resumed run, workers out of step) is computed again, to the same bytes.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import replace
 
 import torch
@@ -53,9 +55,31 @@ def quantize_tiles(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, 
     return (values / expanded).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(torch.float32)
 
 
+class BandScales:
+    """The tile scales Fp8Codes computed, by band, kept for the tensor's scale task so its merge is not
+    computed a second time (scales are 1/16384 of the weight). A band not here is computed again: the
+    same function of the same merged rows, so the bytes do not depend on which path ran."""
+
+    def __init__(self) -> None:
+        self._bands: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def put(self, first: int, scales: torch.Tensor) -> None:
+        with self._lock:
+            for k in range(scales.shape[0]):
+                self._bands[first + k] = scales[k].clone()
+
+    def take(self, start: int, stop: int) -> torch.Tensor | None:
+        with self._lock:
+            if not all(b in self._bands for b in range(start, stop)):
+                return None
+            return torch.stack([self._bands.pop(b) for b in range(start, stop)])
+
+
 class _Requantized(ComputedRows):
-    def __init__(self, merged: StageRows, block: tuple[int, int], ue8m0: bool, scale_dtype: torch.dtype):
-        self.merged, self.block, self.ue8m0, self.scale_dtype = merged, block, ue8m0, scale_dtype
+    def __init__(self, merged: StageRows, block: tuple[int, int], ue8m0: bool, scale_dtype: torch.dtype,
+                 bands: BandScales):
+        self.merged, self.block, self.ue8m0, self.scale_dtype, self.bands = merged, block, ue8m0, scale_dtype, bands
         self.rows = merged.task.output.rows
 
     def _band_values(self, a: int, b: int) -> torch.Tensor:
@@ -77,8 +101,8 @@ class _Requantized(ComputedRows):
 class Fp8Codes(_Requantized):
     """Rows [start, stop) of the requantized weight (its codes as float32: they cast exactly to F8_E4M3)."""
 
-    def __init__(self, merged: StageRows, block, ue8m0, scale_dtype):
-        super().__init__(merged, block, ue8m0, scale_dtype)
+    def __init__(self, merged: StageRows, block, ue8m0, scale_dtype, bands: BandScales):
+        super().__init__(merged, block, ue8m0, scale_dtype, bands)
         cols = row_elements(merged.task.output.shape)
         self.row_bytes = merged.row_bytes + 3 * cols * F32  # the band's values, their codes, the expanded scales
         self.fixed_bytes = merged.fixed_bytes + 2 * (block[0] - 1) * self.row_bytes
@@ -87,7 +111,9 @@ class Fp8Codes(_Requantized):
         bm = self.block[0]
         a0, b0 = start - start % bm, min(self.rows, -(-stop // bm) * bm)
         values = self._band_values(a0, b0)
-        codes = quantize_tiles(values, tile_scales(values, self.block, self.ue8m0, self.scale_dtype), self.block)
+        scales = tile_scales(values, self.block, self.ue8m0, self.scale_dtype)
+        self.bands.put(a0 // bm, scales)
+        codes = quantize_tiles(values, scales, self.block)
         return codes[start - a0:stop - a0]
 
     def read_row_bytes(self) -> int:
@@ -97,13 +123,16 @@ class Fp8Codes(_Requantized):
 class Fp8Scales(_Requantized):
     """Rows [a, b) of the requantized weight's scales: the tiles of weight rows [a·bm, b·bm)."""
 
-    def __init__(self, merged: StageRows, block, ue8m0, scale_dtype):
-        super().__init__(merged, block, ue8m0, scale_dtype)
+    def __init__(self, merged: StageRows, block, ue8m0, scale_dtype, bands: BandScales):
+        super().__init__(merged, block, ue8m0, scale_dtype, bands)
         cols = row_elements(merged.task.output.shape)
-        self.row_bytes = block[0] * (merged.row_bytes + 2 * cols * F32)
+        self.row_bytes = block[0] * (merged.row_bytes + 2 * cols * F32)  # when the bands must be computed again
         self.fixed_bytes = merged.fixed_bytes
 
     def read(self, start: int, stop: int) -> torch.Tensor:
+        kept = self.bands.take(start, stop)
+        if kept is not None:
+            return kept
         bm = self.block[0]
         values = self._band_values(start * bm, min(self.rows, stop * bm))
         return tile_scales(values, self.block, self.ue8m0, self.scale_dtype)
@@ -138,10 +167,11 @@ def requantize_block_fp8(plan: MergePlan) -> MergePlan:
         scale_shape = (math.ceil(shape[0] / fmt.block[0]), math.ceil(shape[1] / fmt.block[1]))
         merged = replace(task, output=OutputTensor(name, torch.float32, shape))
         where = stored_origin(first)
+        bands = BandScales()  # the codes' task runs first (same read position, planned first)
         for out, patch in ((OutputTensor(name, torch.float8_e4m3fn, shape),
-                            Fp8Codes(StageRows(merged, recipe.seed, "requantize"), fmt.block, fmt.ue8m0, scale_dtype)),
+                            Fp8Codes(StageRows(merged, recipe.seed, "requantize"), fmt.block, fmt.ue8m0, scale_dtype, bands)),
                            (OutputTensor(scale_name, scale_dtype, scale_shape),
-                            Fp8Scales(StageRows(merged, recipe.seed, "requantize"), fmt.block, fmt.ue8m0, scale_dtype))):
+                            Fp8Scales(StageRows(merged, recipe.seed, "requantize"), fmt.block, fmt.ue8m0, scale_dtype, bands))):
             info = TensorInfo(out.name, where.file, where.offset, torch.float32, out.shape, patch)
             tasks.append(TensorTask(out, None, (info,), (task.input_models[0] if task.input_models else plan.config_donor,),
                                     {"scale": [1.0]}, passthrough))
