@@ -312,7 +312,6 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
         **figures,  # units_run, rss_waits (units the measured-RSS guard held back); a cluster's nodes and partitions
         "timeline": sampler.timeline,
     }
-    hub = hub_inputs(prepared.plan)
     if hub:
         profile["hub"] = {**traffic.figures(), "stream": any(h.stream for h in hub),
                           "inputs": {str(h.snapshot.ref): h.snapshot.identity for h in hub}}

@@ -40,14 +40,6 @@ def not_found(what: str, path: str | Path, recipe_dir: Path | None, hint: str, h
     return MergeError(f"{what}: folder not found {where}in the working directory{hub}; {hint}")
 
 
-def resolve_folder(what: str, path: str | Path, recipe_dir: Path | None, hint: str) -> Path:
-    """`what` names the path in messages (e.g. "model 'a'"); `hint` says what such a folder holds."""
-    folder = find_folder(what, path, recipe_dir)
-    if folder is None:
-        raise not_found(what, path, recipe_dir, hint)
-    return folder
-
-
 def resolve_model_path(model: str, recipe_dir: Path | None) -> Path:
     """A recipe's model folder (beside the recipe first, then the working directory, else a Hub snapshot)."""
     return locate_model(model, recipe_dir)[0]

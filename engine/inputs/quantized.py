@@ -48,7 +48,6 @@ class QuantFormat:
     name: str  # e.g. "block FP8 128x128", "compressed-tensors pack-quantized"
     quant_method: str
     tensors: int = 0  # quantized weights found
-    partners: list[str] = field(default_factory=list)  # partner tensor names consumed
     block: tuple[int, int] | None = None  # block FP8: the tile (what engine/builders/requantize.py writes back)
     scale_suffix: str = "_scale_inv"
     ue8m0: bool = False  # scales rounded up to powers of two
@@ -176,10 +175,6 @@ def quantized_view(tensors: dict[str, TensorInfo], config: dict, label: str) -> 
                      "mergeng reads (fp8, compressed-tensors, mxfp4); dequantize the model first")
 
 
-def _logical(stored: TensorInfo, shape: tuple[int, ...], dtype: torch.dtype, rows: QuantizedRows) -> TensorInfo:
-    return replace(stored, dtype=dtype, shape=shape, patch=rows)
-
-
 def _fp8(tensors: dict[str, TensorInfo], qc: dict, label: str, logical: torch.dtype):
     block = qc.get("weight_block_size")
     out = dict(tensors)
@@ -215,10 +210,9 @@ def _fp8(tensors: dict[str, TensorInfo], qc: dict, label: str, logical: torch.dt
             rows = QuantizedRows(info, {"scale": (scale, "whole")}, info.shape, dequant_per_tensor)
         rows.format = fmt
         fmt.scale_dtypes[name] = scale.dtype
-        out[name] = _logical(info, info.shape, logical, rows)
+        out[name] = replace(info, dtype=logical, patch=rows)
         out.pop(name + suffix)
-        fmt.partners.append(name + suffix)
-        _drop_activation_scales(out, name.rsplit(".", 1)[0], fmt)
+        _drop_activation_scales(out, name.rsplit(".", 1)[0])
         fmt.tensors += 1
     for stray in [n for n in out if n.endswith("_scale_inv")]:
         raise MergeError(f"model '{label}': scale '{stray}' has no float8 weight '{stray.removesuffix('_scale_inv')}'")
@@ -228,11 +222,10 @@ def _fp8(tensors: dict[str, TensorInfo], qc: dict, label: str, logical: torch.dt
 ACTIVATION_SCALES = ("input_scale", "input_global_scale", "input_zero_point", "output_scale")
 
 
-def _drop_activation_scales(tensors: dict[str, TensorInfo], module: str, fmt: QuantFormat) -> None:
+def _drop_activation_scales(tensors: dict[str, TensorInfo], module: str) -> None:
     """A quantized module's static activation calibration means nothing once its weight is dequantized."""
     for key in ACTIVATION_SCALES:
-        if tensors.pop(f"{module}.{key}", None) is not None:
-            fmt.partners.append(f"{module}.{key}")
+        tensors.pop(f"{module}.{key}", None)
 
 
 def _gpt_oss(tensors: dict[str, TensorInfo], label: str, logical: torch.dtype):
@@ -253,7 +246,6 @@ def _gpt_oss(tensors: dict[str, TensorInfo], label: str, logical: torch.dtype):
         rows = QuantizedRows(info, {"scales": (scales, "rows")}, shape, dequant_gpt_oss_mxfp4)
         out[base] = replace(info, name=base, dtype=logical, shape=shape, patch=rows)
         del out[name], out[base + "_scales"]
-        fmt.partners += [name, base + "_scales"]
         fmt.tensors += 1
     return out, fmt
 
@@ -330,8 +322,7 @@ def _compressed_tensors(tensors: dict[str, TensorInfo], qc: dict, label: str, lo
                 del out[name]
             for k in parts:
                 out.pop(f"{module}.{k}", None)
-                fmt.partners.append(f"{module}.{k}")
-            _drop_activation_scales(out, module, fmt)
+            _drop_activation_scales(out, module)
             fmt.tensors += 1
     return out, fmt
 
