@@ -109,7 +109,9 @@ def render_text(prepared: Prepared, console: Console) -> None:
     if plan.quantized_output:
         q = plan.quantized_output
         console.print(f"{q['tensors']} tensor(s) written back as {q['format']} (requantized from the merged float32 "
-                      f"values; quantization_config kept from {escape(q['from'])})", highlight=False)
+                      f"values; quantization_config kept from {escape(q['from'])})"
+                      + (f"; {q['two_pass']} of them need their whole merged tensor's range first (per-tensor "
+                         "or global scales): their merge is computed twice" if q.get("two_pass") else ""), highlight=False)
     if summary["config_changes"]:
         console.print("config.json changes: " + "; ".join(summary["config_changes"]), highlight=False, markup=False)
     vocabulary = summary["vocabulary"]

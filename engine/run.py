@@ -38,7 +38,7 @@ from .output.files import tokenizer_donor, write_output_files
 from .recipe.load import Recipe, load_recipe
 from .schedule.scheduler import MAX_UNIT_BYTES, require_feasible
 from .inputs.source import file_stamp
-from .builders.requantize import requantize_block_fp8
+from .builders.requantize import requantize
 from .builders.stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
 from .output.writer import DEFAULT_SHARD_SIZE, ShardWriter
 from .output.space import JOURNAL_BYTES, disk_full, is_disk_full, require_space, still_to_write
@@ -77,7 +77,7 @@ def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, bu
     with using_hub(hub):
         plan = plan_recipe(recipe, open_sources(recipe, recipe_dir), seed=seed, truncate_vocab=truncate_vocab,
                            allow_crimes=allow_crimes)
-    plan = requantize_block_fp8(plan)
+    plan = requantize(plan)
     plan.warnings += hub_warnings(plan)
     if strict:
         refuse_warnings(plan)
@@ -94,7 +94,7 @@ def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | Non
         return plan_recipe(recipe, sources, seed=seed, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
 
     with using_hub(hub):
-        plan = requantize_block_fp8(plan_stages(stages, recipe_dir, build, on_disk))
+        plan = requantize(plan_stages(stages, recipe_dir, build, on_disk))
     plan.warnings = unused_stage_warnings(recipe_text, stages) + plan.warnings if on_disk is None else plan.warnings
     plan.warnings += hub_warnings(plan)
     if strict:

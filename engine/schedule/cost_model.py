@@ -46,9 +46,11 @@ RESERVE_BYTES = HEAP_SLACK + RUNTIME_OVERHEAD + (32 << 20)
 
 
 def is_plain_copy(task: TensorTask) -> bool:
-    """Passthrough at scale 1 into the same dtype, unpatched: bytes are copied without conversion."""
+    """Passthrough at scale 1 into the same dtype, unpatched (or computed in that dtype, an `exact` ComputedRows):
+    rows are copied without conversion."""
     src = task.inputs[0]
-    return task.method.name == "passthrough" and task.params.get("scale") == [1.0] and src.dtype == task.output.dtype and src.patch is None
+    return (task.method.name == "passthrough" and task.params.get("scale") == [1.0] and src.dtype == task.output.dtype
+            and (src.patch is None or getattr(src.patch, "exact", False)))
 
 
 def row_cost(task: TensorTask, apply: bool = True) -> int:
@@ -62,7 +64,8 @@ def row_cost(task: TensorTask, apply: bool = True) -> int:
 def _row_cost(task: TensorTask, apply: bool) -> int:
     elems = row_elements(task.output.shape)
     if is_plain_copy(task):
-        return task.inputs[0].row_bytes
+        src = task.inputs[0]
+        return src.row_bytes + (src.patch.row_bytes if src.patch is not None else 0)
     infos = [info for _, info in task.all_inputs]
     inputs = len(infos) * elems * F32  # every input, as float32
     # phases of a unit (executor._run_unit): read+convert one input at a time, merge, cast the result
