@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -574,15 +575,15 @@ def test_gpt_oss_mxfp4_experts_merge_back_into_mxfp4(tmp_path):
     assert same_bytes(reference_mxfp4(values[1])[0], blocks1)
 
 
-def test_a_block_fp8_merge_with_aligned_dims_loads_in_transformers_and_runs(tmp_path):
-    """Where transformers dequantizes block FP8 correctly (every dim a multiple of 128), the merged FP8 output
-    loads as the FP8 model it claims to be and its logits are those of its own dequantized weights."""
-    transformers = pytest.importorskip("transformers")
-    shape = TINY.__class__(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                           intermediate_size=256, vocab_size=128)
+ALIGNED = TINY.__class__(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=256, vocab_size=128)
+
+
+def aligned_fp8_models(tmp_path: Path) -> list[Path]:
+    """Two block-FP8 Llamas whose every dim is a multiple of 128, quantized by the test's reference rule."""
     models = []
     for v in range(2):
-        plain = make_llama(tmp_path / f"plain{v}", shape, variant=v, dtype="bfloat16")
+        plain = make_llama(tmp_path / f"plain{v}", ALIGNED, variant=v, dtype="bfloat16")
         tensors = load_file(plain / "model.safetensors")
         for name in [n for n in tensors if n.endswith("proj.weight")]:
             q, s = quantize_block_fp8(tensors[name].float())
@@ -594,6 +595,14 @@ def test_a_block_fp8_merge_with_aligned_dims_loads_in_transformers_and_runs(tmp_
         config["quantization_config"] = FP8_CONFIG
         (model / "config.json").write_text(json.dumps(config))
         models.append(model)
+    return models
+
+
+def test_a_block_fp8_merge_with_aligned_dims_loads_in_transformers_and_runs(tmp_path):
+    """Where transformers dequantizes block FP8 correctly (every dim a multiple of 128), the merged FP8 output
+    loads as the FP8 model it claims to be and its logits are those of its own dequantized weights."""
+    transformers = pytest.importorskip("transformers")
+    models = aligned_fp8_models(tmp_path)
     recipe = write_recipe(tmp_path, LINEAR.format(a=models[0], b=models[1]))
     result = cli("run", recipe, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
@@ -610,3 +619,44 @@ def test_a_block_fp8_merge_with_aligned_dims_loads_in_transformers_and_runs(tmp_
         logits, want = loaded(ids).logits.float(), reference(ids).logits
     assert torch.isfinite(logits).all()
     assert torch.allclose(logits, want, atol=0.05, rtol=0.05), (logits - want).abs().max()
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_fp8_merge_equals_mergekits_merge_of_the_reference_dequantization(tmp_path, method):
+    """Parity: mergeng on the FP8 models (written as bf16) against mergekit 0.1.5 on their reference dequantization
+    to bf16 (mergekit reads no FP8), within a bf16 step for each of the two roundings (its inputs, the output)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    from mergekit_reference import mergekit_available, run_mergekit
+
+    if mergekit_available() is None:
+        pytest.skip("mergekit-yaml not installed (see benchmarks/mergekit_reference.py)")
+    models = aligned_fp8_models(tmp_path)
+    plain = []
+    for k, model in enumerate(models):  # DeepSeek's weight_dequant, then bf16: what users feed mergekit today
+        stored = load_file(model / "model.safetensors")
+        values = {n: (dequantize_block_fp8(v, stored[n + "_scale_inv"]) if n + "_scale_inv" in stored else v.float())
+                  for n, v in stored.items() if not n.endswith("_scale_inv")}
+        folder = tmp_path / f"bf16-{k}"
+        folder.mkdir()
+        save_file({n: v.to(torch.bfloat16).contiguous() for n, v in values.items()}, folder / "model.safetensors")
+        config = json.loads((model / "config.json").read_text())
+        config.pop("quantization_config")
+        (folder / "config.json").write_text(json.dumps(config))
+        plain.append(folder)
+    body = ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n"
+            "    parameters: {{weight: 0.3}}\n" if method == "linear" else
+            "merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.8, density: 1.0}}\n")
+    body += "dtype: float32\nout_dtype: bfloat16\n"
+    ours = write_recipe(tmp_path, body.format(a=models[0], b=models[1]), name="ours.yml")
+    theirs = write_recipe(tmp_path, body.format(a=plain[0], b=plain[1]), name="theirs.yml")
+    result = cli("run", ours, "-o", tmp_path / "ours")
+    assert result.exit_code == 0, result.output
+    run_mergekit(theirs, tmp_path / "theirs")
+    got, want = output_tensors(tmp_path / "ours"), output_tensors(tmp_path / "theirs")
+    assert set(got) == set(want) and not any(n.endswith("_scale_inv") for n in got)
+    inputs = [load_file(p / "model.safetensors") for p in plain]
+    for name, value in want.items():
+        # one bf16 step of the output, plus the inputs' rounding to bf16 (relative to the inputs, not the sum)
+        largest = torch.maximum(inputs[0][name].float().abs(), inputs[1][name].float().abs())
+        bound = 2 ** -7 * torch.maximum(value.float().abs(), got[name].float().abs()) + 2 ** -8 * largest
+        assert ((got[name].float() - value.float()).abs() <= bound).all(), name
