@@ -147,3 +147,67 @@ def test_a_config_transformers_would_refuse_is_said_at_plan_time(tmp_path):
     llama = tmp_path / "llama"
     good.write_text(frankenmerge_recipe(llama, make_causal_lm(llama, "llama", 4)))
     assert "refuses" not in cli("plan", good).output
+
+
+def deepseek_with_prediction_layer(folder) -> int:
+    """A tiny DeepSeek-V3 whose stack ends with a multi-token-prediction layer, stored as DeepSeek stores it:
+    layer num_hidden_layers, a copy of a decoder layer plus enorm, hnorm, eh_proj and shared_head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    layers = make_causal_lm(folder, "deepseek_v3", 4)
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    gen = torch.Generator().manual_seed(7)
+    for name in [n for n in tensors if n.startswith(f"model.layers.{layers - 1}.")]:
+        tensors[name.replace(f"layers.{layers - 1}.", f"layers.{layers}.")] = torch.randn(tensors[name].shape, generator=gen)
+    h = config["hidden_size"]
+    for key, shape in (("enorm.weight", (h,)), ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
+                       ("shared_head.norm.weight", (h,)), ("shared_head.head.weight", (config["vocab_size"], h))):
+        tensors[f"model.layers.{layers}.{key}"] = torch.randn(shape, generator=gen)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    return layers
+
+
+def test_a_deepseek_frankenmerge_keeps_its_prediction_layer_after_the_new_last_layer(tmp_path):
+    """The MTP layer (layer 4 of 4 main layers) is never one of the slices' layers: it follows the output's six
+    layers as layer 6, whole; the config counts six main layers and still one prediction layer; transformers
+    loads the result and runs it. A slice that reaches the MTP layer is refused in one line."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    src = tmp_path / "ds"
+    layers = deepseek_with_prediction_layer(src)
+    stored = load_file(src / "model.safetensors")
+    out = merge(tmp_path, frankenmerge_recipe(src, layers))
+    got = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_nextn_predict_layers"]) == (6, 1)
+    mtp = {n.removeprefix("model.layers.4."): v for n, v in stored.items() if n.startswith("model.layers.4.")}
+    assert {n.removeprefix("model.layers.6."): v for n, v in got.items() if n.startswith("model.layers.6.")}.keys() == mtp.keys()
+    for rest, value in mtp.items():
+        assert torch_equal(got[f"model.layers.6.{rest}"], value), rest
+    assert not any(n.startswith("model.layers.7.") for n in got)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    import torch
+
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    reach = tmp_path / "reach.yml"
+    reach.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {src}, layer_range: [0, 5]}}]\n")
+    result = cli("plan", reach)
+    assert result.exit_code == 2 and "multi-token-prediction" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    whole = tmp_path / "whole.yml"  # an ordinary merge keeps the prediction layer where it is
+    whole.write_text(f"merge_method: linear\nmodels:\n  - model: {src}\n    parameters: {{weight: 1.0}}\ndtype: float32\n")
+    assert cli("run", whole, "-o", tmp_path / "whole").exit_code == 0
+    kept = load_file(tmp_path / "whole" / "model.safetensors")
+    assert set(kept) == set(stored)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.float(), b.float())

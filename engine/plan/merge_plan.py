@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ...architectures.alignment import align
-from ...architectures.layout import find_layer_stacks, language_stack, parse_layer_name
+from ...architectures.layout import find_layer_stacks, language_stack, main_layers, parse_layer_name, prediction_layers
 from ...architectures.vocabulary import is_vocab_tensor
 from ...methods.registry import MergeMethod, get_method
 from ..recipe.schema import RECIPE_DTYPES
@@ -293,6 +293,11 @@ class PlanBuilder:
             n = lengths.pop()
             for s in sl.sources:
                 have = self.stacks[s.model].get(stack, 0)
+                main = main_layers(self.stacks[s.model], stack, self.sources[s.model].config) if have else 0
+                if main < s.layer_range[1] <= have:
+                    raise MergeError(f"recipe field 'slices[{si}].sources': layer_range {list(s.layer_range)} reaches layer {main} of "
+                                     f"model '{s.model}', its multi-token-prediction layer (num_nextn_predict_layers); slices select "
+                                     f"among its {main} main layers, and the prediction layers are kept after the output's last layer")
                 if s.layer_range[1] > have:
                     raise MergeError(f"recipe field 'slices[{si}].sources': layer_range {list(s.layer_range)} is beyond model '{s.model}', which has {have} layers")
             base = sl.base_model or r.base_model
@@ -321,8 +326,44 @@ class PlanBuilder:
                         tasks.append(self.task(out_name, t, base_ref, inputs, [sl.parameters, r.parameters]))
                         self._report_slice_task(out_name, base_ref, inputs)
             out_layer += n
+        tasks += self._prediction_layer_tasks(cut_stacks, stack, out_layer)
         tasks += self._non_layer_tasks(cut_stacks)
         return tasks, donor, out_layer
+
+    def _prediction_layer_tasks(self, cut_stacks: list[str], stack: str, out_layer: int) -> list[TensorTask]:
+        """A DeepSeek-V3-style model's multi-token-prediction layers, trained on its last layer's output, follow
+        the output's last layer: those of the last slice's models (merged as the last slice merges), renumbered."""
+        sl = self.recipe.slices[-1]
+        first = sl.sources[0]
+        config = self.sources[first.model].config
+        extra = prediction_layers(config)
+        main = main_layers(self.stacks[first.model], stack, config) if stack in self.stacks[first.model] else 0
+        if not extra or self.stacks[first.model].get(stack, 0) != main + extra:
+            return []
+        base = sl.base_model or self.recipe.base_model
+        base_src = next((s for s in sl.sources if s.model == base), None) if self.method.base != "none" else None
+        others = [s for s in sl.sources if s is not base_src]
+        tasks = []
+        for k in range(extra):
+            for cut in cut_stacks:
+                prefix = f"{cut}.{main + k}."
+                for name in [n for n in self.sources[first.model].tensors if n.startswith(prefix)]:
+                    rest = name[len(prefix):]
+                    for s in sl.sources:
+                        src_main = main_layers(self.stacks[s.model], stack, self.sources[s.model].config)
+                        if f"{cut}.{src_main + k}.{rest}" not in self.sources[s.model].tensors:
+                            raise MergeError(f"tensor '{cut}.{src_main + k}.{rest}' (a multi-token-prediction layer) is missing "
+                                             f"from model '{s.model}' (slices[{len(self.recipe.slices) - 1}])")
+                    def src(s, rest=rest, cut=cut, k=k):
+                        return f"{cut}.{main_layers(self.stacks[s.model], stack, self.sources[s.model].config) + k}.{rest}"
+                    out_name = f"{cut}.{out_layer + k}.{rest}"
+                    inputs = [(s.model, src(s), s.parameters) for s in others]
+                    base_ref = (base_src.model, src(base_src)) if base_src else None
+                    tasks.append(self.task(out_name, 1.0, base_ref, inputs, [sl.parameters, self.recipe.parameters]))
+                    self._report_slice_task(out_name, base_ref, inputs)
+        self.warnings.append(f"model '{first.model}': its {extra} multi-token-prediction layer(s) (layers {main}.."
+                             f"{main + extra - 1}) follow the output's {out_layer} layers as layers {out_layer}..{out_layer + extra - 1}")
+        return tasks
 
     def _non_layer_tasks(self, cut_stacks: list[str]) -> list[TensorTask]:
         r = self.recipe
