@@ -211,3 +211,35 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a.float(), b.float())
+
+
+@pytest.mark.parametrize("kind", ["t5", "whisper"])
+def test_cutting_an_encoder_decoders_decoder_leaves_its_encoder_count_alone(tmp_path, kind):
+    """T5's num_layers and Whisper's encoder_layers size the encoder: a decoder frankenmerge (4 -> 6 layers) must
+    not rewrite them (before, the encoder grew two randomly initialised layers at load, in silence)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=None,
+                                       num_heads=4, decoder_start_token_id=0)
+        model, stack, encoder_key, decoder_key = transformers.T5ForConditionalGeneration(config), "decoder.block", "num_layers", "num_decoder_layers"
+    else:
+        config = transformers.WhisperConfig(vocab_size=64, d_model=32, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                                            max_source_positions=16, max_target_positions=32, pad_token_id=1, bos_token_id=2,
+                                            eos_token_id=3, decoder_start_token_id=2)
+        model, stack, encoder_key, decoder_key = transformers.WhisperForConditionalGeneration(config), "model.decoder.layers", "encoder_layers", "decoder_layers"
+    src = tmp_path / kind
+    model.save_pretrained(src)
+    recipe = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {src}, layer_range: [0, 3]}}]\n"
+              f"  - sources: [{{model: {src}, layer_range: [1, 4]}}]\n")
+    out = merge(tmp_path, recipe)
+    written = json.loads((out / "config.json").read_text())
+    assert (written[encoder_key], written[decoder_key]) == (4, 6)
+    loaded, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert len(getattr(loaded.get_decoder(), "block" if kind == "t5" else "layers")) == 6
+    assert len(getattr(loaded.get_encoder(), "block" if kind == "t5" else "layers")) == 4
+    del stack

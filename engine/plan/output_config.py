@@ -96,7 +96,9 @@ def set_layers(config: dict, recipe: Recipe, donor: ModelSource, layers: int) ->
     stack = language_stack(stacks, donor.config)
     before = main_layers(stacks, stack, donor.config) if stack else None
     sources = slice_layer_sources(recipe, layers)
-    if before and sources and relayer_config(config, sources, before):
+    # an encoder-decoder with both sides stored: cutting one side leaves the other side's counts alone
+    paired = stack if any("encoder" in p for p in stacks) and any("decoder" in p for p in stacks) else ""
+    if before and sources and relayer_config(config, sources, before, paired):
         return  # a config that states no count derives it from the per-layer lists just rewritten
     holder = config if "num_hidden_layers" in config or "text_config" not in config else config["text_config"]
     holder["num_hidden_layers"] = layers
