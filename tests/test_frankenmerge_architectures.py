@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "moshi": "vocabulary tensors of different row counts in one model (its tokenizer still fits)",
     "deepseek_v3": "dense layers first by arithmetic: first_k_dense_replace",
     "gemma4_unified_text": "per-layer overrides keyed by layer index: per_layer_config {'3': {...}}",
+    "gemma4_text": "per-layer embeddings packed outside the stack: embed_tokens_per_layer (columns), per_layer_model_projection (rows)",
     "xlm": "one layer in four sibling stacks: transformer.attentions.N, ffns.N, layer_norm1.N, layer_norm2.N",
 }
 
@@ -243,3 +244,24 @@ def test_cutting_an_encoder_decoders_decoder_leaves_its_encoder_count_alone(tmp_
     assert len(getattr(loaded.get_decoder(), "block" if kind == "t5" else "layers")) == 6
     assert len(getattr(loaded.get_encoder(), "block" if kind == "t5" else "layers")) == 4
     del stack
+
+
+@pytest.mark.parametrize("max_unit", [None, "2K"])
+def test_per_layer_embedding_blocks_follow_their_layers(tmp_path, tiny_causal_lms, max_unit):
+    """Gemma4/Gemma3n text: output block k of embed_tokens_per_layer (columns) and per_layer_model_projection (rows)
+    is block s_k of the input, for layers 0,1,2,1,2,3; the same bytes whether or not the rows are chunked."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    src, layers = tiny_causal_lms["gemma4_text"]
+    stored = load_file(src / "model.safetensors")
+    args = ["--max-unit", max_unit] if max_unit else []
+    out = merge(tmp_path, frankenmerge_recipe(src, layers), *args)
+    got = load_file(out / "model.safetensors")
+    sources = [0, 1, 2, 1, 2, 3]
+    for name, dim in (("model.embed_tokens_per_layer.weight", 1), ("model.per_layer_model_projection.weight", 0)):
+        width = stored[name].shape[dim] // layers
+        want = [stored[name].narrow(dim, s * width, width) for s in sources]
+        import torch
+
+        assert torch.equal(got[name], torch.cat(want, dim)), name

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ...architectures.alignment import align
+from ..inputs.layer_blocks import LayerBlocks, packed_dim
 from ...architectures.layout import find_layer_stacks, language_stack, main_layers, parse_layer_name, prediction_layers
 from ...architectures.vocabulary import is_vocab_tensor
 from ...methods.registry import MergeMethod, get_method
@@ -327,7 +328,7 @@ class PlanBuilder:
                         self._report_slice_task(out_name, base_ref, inputs)
             out_layer += n
         tasks += self._prediction_layer_tasks(cut_stacks, stack, out_layer)
-        tasks += self._non_layer_tasks(cut_stacks)
+        tasks += self._non_layer_tasks(cut_stacks, stack)
         return tasks, donor, out_layer
 
     def _prediction_layer_tasks(self, cut_stacks: list[str], stack: str, out_layer: int) -> list[TensorTask]:
@@ -365,7 +366,35 @@ class PlanBuilder:
                              f"{main + extra - 1}) follow the output's {out_layer} layers as layers {out_layer}..{out_layer + extra - 1}")
         return tasks
 
-    def _non_layer_tasks(self, cut_stacks: list[str]) -> list[TensorTask]:
+    def _layer_block_task(self, name: str, dim: int, stack: str) -> TensorTask:
+        """A tensor packing one block per layer (Gemma3n/Gemma4's per-layer embeddings): output block k is block s_k
+        of the model that gave output layer k (engine/inputs/layer_blocks.py)."""
+        blocks, widths, others = [], set(), set()
+        for si, sl in enumerate(self.recipe.slices):
+            if len(sl.sources) != 1:
+                raise MergeError(f"recipe field 'slices[{si}].sources': tensor '{name}' packs one block per layer, which a "
+                                 "frankenmerge can only restate from single-model slices; merge the models first, then slice")
+            s = sl.sources[0]
+            info = self.sources[s.model].tensors.get(name)
+            layers = main_layers(self.stacks[s.model], stack, self.sources[s.model].config)
+            if info is None or len(info.shape) != 2 or info.shape[dim] % layers:
+                raise MergeError(f"tensor '{name}' of model '{s.model}' does not pack {layers} per-layer blocks along dim {dim}")
+            widths.add(info.shape[dim] // layers)
+            others.add(info.shape[1 - dim])
+            blocks += [(info, layer) for layer in range(*s.layer_range)]
+        if len(widths) != 1 or len(others) != 1:
+            raise MergeError(f"tensor '{name}': its per-layer blocks differ in size between the slices' models")
+        width = widths.pop()
+        gather = LayerBlocks(blocks, dim, width)
+        first = blocks[0][0]
+        info = TensorInfo(name, first.file, first.offset, torch.float32, gather.shape, gather)
+        model = self.recipe.slices[0].sources[0].model
+        self.report.append({"tensor": name, "action": "restated per layer", "from": list(dict.fromkeys(
+            s.model for sl in self.recipe.slices for s in sl.sources)), "reason": f"one block per layer along dim {dim}"})
+        return TensorTask(OutputTensor(name, self.output_dtype([first]), gather.shape), None, (info,), (model,),
+                          {"scale": [1.0]}, get_method("passthrough"))
+
+    def _non_layer_tasks(self, cut_stacks: list[str], stack: str = "") -> list[TensorTask]:
         r = self.recipe
         tasks = []
         donor_model = r.slices[0].sources[0].model
@@ -373,6 +402,10 @@ class PlanBuilder:
             if self.only is not None and name not in self.only:
                 continue
             if any(name.startswith(cut + ".") for cut in cut_stacks):
+                continue
+            dim = packed_dim(name)
+            if dim is not None and stack:
+                tasks.append(self._layer_block_task(name, dim, stack))
                 continue
             sl = r.slices[0] if "embed" in name else r.slices[-1]
             base = sl.base_model or r.base_model
