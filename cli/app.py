@@ -26,7 +26,7 @@ from .console import console, fail, out
 from .execute import execute, run_recipe
 from .lora_cmd import lora_app
 from .moe_cmd import moe
-from .options import (HELP_OPTIONS, AddressOption, DebugOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
+from .options import (HELP_OPTIONS, AddressOption, DebugOption, DequantizeOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
                       ShardSizeOption, StreamOption, StrictOption, TruncateVocabOption, WorkersOption, executor_name, max_unit_bytes,
                       ram_budget, shard_bytes, worker_count)
 
@@ -86,6 +86,7 @@ def run(
     write_threads: Optional[int] = mk.WriteThreadsOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
     stream: bool = StreamOption,
+    dequantize: bool = DequantizeOption,
     no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even when the output's filesystem (or the HF cache's) has less free space than the merge needs."),
     lora_merge_cache: Optional[str] = mk.LoraMergeCacheOption,
     lora_merge_dtype: Optional[str] = mk.LoraMergeDtypeOption,
@@ -107,7 +108,7 @@ def run(
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
                intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream,
-               space_check=not no_space_check)
+               space_check=not no_space_check, dequantize=dequantize)
 
 
 @app.command()
@@ -125,6 +126,7 @@ def plan(
     address: Optional[str] = AddressOption,
     stream: bool = StreamOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
+    dequantize: bool = DequantizeOption,
     debug: bool = DebugOption,
 ):
     """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
@@ -143,11 +145,12 @@ def plan(
 
             ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
                                    address=address, strict=strict, truncate_vocab=truncate_vocab,
-                                   hub=HubOptions(transformers_cache, stream))
+                                   hub=HubOptions(transformers_cache, stream), dequantize=dequantize)
             prepared = ray_plan.prepared
         else:
             prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
-                               strict=strict, truncate_vocab=truncate_vocab, hub=HubOptions(transformers_cache, stream))
+                               strict=strict, truncate_vocab=truncate_vocab, hub=HubOptions(transformers_cache, stream),
+                               dequantize=dequantize)
         if fmt == "json":
             # plain JSON (rich's highlighter took 38 s on a 92k-tensor plan); a pipe or a terminal gets the same text
             print(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}, indent=2))

@@ -29,7 +29,8 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
                strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
                quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
-               executor: str = "local", address: Optional[str] = None, stream: bool = False, space_check: bool = True) -> None:
+               executor: str = "local", address: Optional[str] = None, stream: bool = False, space_check: bool = True,
+               dequantize: bool = False) -> None:
     """`mergeng run` with plain arguments (also `lora apply`'s body)."""
     from ..engine.inputs.hub import HubOptions
     from ..engine.run import hub_pins, prepare, prepared_stages_on_disk
@@ -42,7 +43,8 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
                 console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
         mk.set_num_threads(flags.num_threads if flags else None)
         hub = HubOptions(flags.transformers_cache if flags else None, stream, {} if fresh else hub_pins(target))
-        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
+        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub,
+                       dequantize=dequantize)
         sizes = (ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit))
         if executor_name(executor, address) == "ray":
             if intermediate_dir is not None:

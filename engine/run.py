@@ -48,9 +48,11 @@ from .execute.prepared import Prepared, prepare_plan
 
 def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2,
             max_unit_bytes: int = MAX_UNIT_BYTES, *, seed: int | None = None, strict: bool = False,
-            truncate_vocab: bool = False, allow_crimes: bool = False, hub: HubOptions | None = None) -> Prepared:
+            truncate_vocab: bool = False, allow_crimes: bool = False, hub: HubOptions | None = None,
+            dequantize: bool = False) -> Prepared:
     """Recipe file -> validated plan -> schedule. `seed` overrides the recipe's `seed:`; `strict`
     turns every warning into an error; `truncate_vocab` allows vocabularies of different sizes;
+    `dequantize` writes a quantized base's merge as plain weights (default: in the base's format);
     `allow_crimes` allows models of different architectures (engine/inputs/architecture_mix.py); `hub`: how
     Hub models are reached (engine/inputs/hub.py)."""
     recipe_path = Path(recipe_path)
@@ -59,7 +61,8 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
     if not recipe_path.exists():
         raise MergeError(f"recipe not found: {recipe_path}")
     text = recipe_path.read_text()
-    options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
+    options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub,
+                   dequantize=dequantize)
     if is_multi_stage(text):
         return prepare_stages(read_stages(text, str(recipe_path)), text, recipe_path.parent, budget, shard_size, workers,
                               max_unit_bytes, **options)
@@ -70,14 +73,14 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
 def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
                    shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
                    seed: int | None = None, strict: bool = False, truncate_vocab: bool = False,
-                   allow_crimes: bool = False, hub: HubOptions | None = None) -> Prepared:
+                   allow_crimes: bool = False, hub: HubOptions | None = None, dequantize: bool = False) -> Prepared:
     """`prepare` for a parsed recipe (the Python API's YAML text or dict): model paths are relative
     to `recipe_dir` (None: the working directory); `recipe_text` is kept in the output and the
     resume fingerprint."""
     with using_hub(hub):
         plan = plan_recipe(recipe, open_sources(recipe, recipe_dir), seed=seed, truncate_vocab=truncate_vocab,
                            allow_crimes=allow_crimes)
-    plan = requantize(plan)
+    plan = plan if dequantize else requantize(plan)
     plan.warnings += hub_warnings(plan)
     if strict:
         refuse_warnings(plan)
@@ -87,14 +90,15 @@ def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, bu
 def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
                    shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
                    seed: int | None = None, strict: bool = False, truncate_vocab: bool = False, allow_crimes: bool = False,
-                   on_disk: dict[str, Path] | None = None, hub: HubOptions | None = None) -> Prepared:
+                   on_disk: dict[str, Path] | None = None, hub: HubOptions | None = None, dequantize: bool = False) -> Prepared:
     """`prepare` for a multi-stage recipe (engine/builders/stages.py): the last stage's plan, reading the
     others in memory, or from `on_disk` folders (--intermediate-dir runs)."""
     def build(recipe: Recipe, sources: dict) -> MergePlan:
         return plan_recipe(recipe, sources, seed=seed, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
 
     with using_hub(hub):
-        plan = requantize(plan_stages(stages, recipe_dir, build, on_disk))
+        plan = plan_stages(stages, recipe_dir, build, on_disk)
+        plan = plan if dequantize else requantize(plan)
     plan.warnings = unused_stage_warnings(recipe_text, stages) + plan.warnings if on_disk is None else plan.warnings
     plan.warnings += hub_warnings(plan)
     if strict:

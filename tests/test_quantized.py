@@ -660,3 +660,17 @@ def test_fp8_merge_equals_mergekits_merge_of_the_reference_dequantization(tmp_pa
         largest = torch.maximum(inputs[0][name].float().abs(), inputs[1][name].float().abs())
         bound = 2 ** -7 * torch.maximum(value.float().abs(), got[name].float().abs()) + 2 ** -8 * largest
         assert ((got[name].float() - value.float()).abs() <= bound).all(), name
+
+
+def test_dequantize_writes_plain_weights_in_the_bases_dtype_without_quantization_config(tmp_path, fp8):
+    (a, ea), (b, eb) = fp8
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b))
+    summary = json.loads(cli("plan", recipe, "--format", "json", "--dequantize").output)
+    assert summary["quantized_output"] == {}
+    result = cli("run", recipe, "-o", tmp_path / "out", "--dequantize", "--max-unit", "40K")
+    assert result.exit_code == 0, result.output
+    got = output_tensors(tmp_path / "out")
+    assert not any(n.endswith("_scale_inv") for n in got)
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+    for name in ea:
+        assert torch.equal(got[name], linear(ea[name], eb[name]).to(torch.bfloat16)), name
