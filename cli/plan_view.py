@@ -78,17 +78,18 @@ def _vocabulary_summary(plan) -> dict | None:
             "lacking": {m: sum(1 for r in perm if r < 0) for m, perm in v.permutations.items()}}
 
 
-def with_estimate(prepared: Prepared, summary: dict) -> tuple[dict, list]:
-    """Add the estimated run time (from a quick speed probe) and return the predicted timeline."""
+def with_estimate(prepared: Prepared, summary: dict, timeline: bool = True) -> tuple[dict, list]:
+    """Add the estimated run time (from a quick speed probe) and return the predicted timeline (none
+    without `timeline`)."""
     from ..engine.schedule.timeline import measure_speeds, simulate
 
     first = next((f for src in leaf_sources(prepared.plan.sources).values() for f in src.files if f.exists()), None)
-    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first) if first else None))
+    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first) if first else None), timeline)
     return {**summary, "estimated_seconds": round(seconds, 2)}, points
 
 
 def render_text(prepared: Prepared, console: Console) -> None:
-    summary, _ = with_estimate(prepared, plan_summary(prepared))
+    summary, _ = with_estimate(prepared, plan_summary(prepared), timeline=False)
     plan = prepared.plan
     console.print(f"[bold]merge[/bold] {plan.recipe.merge_method} of {len(plan.sources)} models → {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
     inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")

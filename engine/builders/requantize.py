@@ -160,16 +160,16 @@ def requantize(plan: MergePlan) -> MergePlan:
         where = stored_origin(first)
         cache = PartCache()
         whole = None
+        stage = StageRows(merged, recipe.seed, "requantize")  # costed once; each part reads through a sibling
         if encoder.needs_whole:
-            rows = task.output.rows
-            per_row = max(1, StageRows(merged, recipe.seed, "requantize").row_bytes)
-            whole = WholeRange(StageRows(merged, recipe.seed, "requantize"), max(1, min(rows, WHOLE_PASS_BYTES // per_row)))
+            chunk = max(1, min(task.output.rows, WHOLE_PASS_BYTES // max(1, stage.row_bytes)))
+            whole = WholeRange(stage.sibling(), chunk)
             two_pass += 1
         for suffix in encoder.parts:  # the codes first: their task runs first and keeps the partners' rows
             dtype, stored_shape, per = encoder.parts[suffix]
             name = task.output.name + suffix
             out = OutputTensor(name, dtype, stored_shape)
-            patch = EncodedPart(StageRows(merged, recipe.seed, "requantize"), encoder, suffix, cache, whole)
+            patch = EncodedPart(stage.sibling(), encoder, suffix, cache, whole)
             info = TensorInfo(name, where.file, where.offset, dtype, stored_shape, patch)
             tasks.append(TensorTask(out, None, (info,), (model,), {"scale": [1.0]}, passthrough))
         out_module = task.output.name.rsplit(".", 1)[0]

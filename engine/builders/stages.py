@@ -164,6 +164,14 @@ class StageRows(ComputedRows):
         self._held: torch.Tensor | None = None
         self._lock = threading.Lock()
 
+    def sibling(self) -> "StageRows":
+        """Another consumer's StageRows of the same task (its own hold, statistics and held rows), without
+        costing the task again: a requantized tensor's parts each read the merge."""
+        other = object.__new__(StageRows)
+        other.__dict__.update(self.__dict__)
+        other.hold, other.reads, other._statistics, other._held, other._lock = False, 0, None, None, threading.Lock()
+        return other
+
     @property
     def hold_bytes(self) -> int:
         """What holding the whole intermediate costs: the tensor in its stage dtype."""

@@ -48,6 +48,9 @@ Vocabulary (the code uses these words):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
 
 from .cost_model import RESERVE_BYTES, RUNTIME_OVERHEAD, fixed_cost, held_bytes, row_cost, statistics_footprint, unit_bytes
 from ...errors import MergeError
@@ -59,8 +62,7 @@ from ..inputs.source import ComputedRows, disk_row_bytes, stored_origin
 MAX_UNIT_BYTES = 64 << 20
 
 
-@dataclass(frozen=True)
-class WorkUnit:
+class WorkUnit(NamedTuple):  # a tuple: a 671B plan makes a million of them (a frozen dataclass: 3x slower to make)
     task: int  # index into the plan's tasks
     pass_index: int  # 0..len(statistics)-1: statistics passes; len(statistics): apply (with inline
     # statistics when the unit holds every row of its tensor)
@@ -218,13 +220,31 @@ def read_position(task: TensorTask) -> tuple[str, int]:
 
 
 def _peak_live(units: list[WorkUnit], state_bytes: list[int], workers: int, work_budget: int) -> int:
-    """Largest live bytes of `workers` consecutive units, plus the statistics state of their tensors."""
-    best = 0
-    for k in range(len(units)):
-        window = units[max(0, k - workers + 1):k + 1]
-        live = sum(u.live_bytes for u in window) + sum(state_bytes[t] for t in {u.task for u in window})
-        best = max(best, live)
-    largest = max((u.live_bytes + state_bytes[u.task] for u in units), default=0)
+    """Largest live bytes of `workers` consecutive units, plus the statistics state of their tensors.
+
+    A tensor's units are consecutive (rule 2), so unit k - d adds its tensor's state to the window ending at
+    k unless unit k - d + 1 belongs to the same tensor: vectorised, the sum over windows of a million units
+    takes milliseconds."""
+    if not units:
+        return 0
+    live = np.fromiter((u.live_bytes for u in units), dtype=np.int64, count=len(units))
+    task = np.fromiter((u.task for u in units), dtype=np.int64, count=len(units))
+    state = np.asarray(state_bytes, dtype=np.int64)[task]
+    ends_run = np.ones(len(units), dtype=bool)  # unit k - d is the last of its tensor's units in the window
+    ends_run[:-1] = task[:-1] != task[1:]
+    total = np.zeros(len(units), dtype=np.int64)
+    for d in range(workers):
+        shifted_live = np.zeros(len(units), dtype=np.int64)
+        shifted_state = np.zeros(len(units), dtype=np.int64)
+        shifted_live[d:] = live[:len(units) - d]
+        counts = ends_run if d else np.ones(len(units), dtype=bool)
+        shifted_state[d:] = np.where(counts, state, 0)[:len(units) - d]
+        if d:  # within the window, a unit k - d whose successor is in it too counts unless it ends its tensor's run
+            total += shifted_live + shifted_state
+        else:
+            total += live + state
+    best = int(total.max())
+    largest = int((live + state).max())
     return min(best, max(work_budget, largest))
 
 

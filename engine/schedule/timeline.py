@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..plan.merge_plan import TensorTask
@@ -59,22 +60,34 @@ def measure_speeds(sample_file: str | None = None) -> Speeds:
     return Speeds(min(disk, 3e9), compute)
 
 
-def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> tuple[list[tuple[float, int]], float]:
-    """([(seconds, predicted RSS)], predicted total seconds)."""
+def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds,
+             timeline: bool = True) -> tuple[list[tuple[float, int]], float]:
+    """([(seconds, predicted RSS)], predicted total seconds). Without `timeline` (a plan printed as text or
+    JSON: the total only) and when no `workers` consecutive units outgrow the work budget, memory never
+    delays a unit and the total is the units' summed time over the workers (greedy in-order scheduling ends
+    within one unit of it), computed at once rather than unit by unit (a 671B plan has a million units)."""
+    if not timeline and schedule.units:
+        total = _total_when_memory_never_waits(tasks, schedule, speeds)
+        if total is not None:
+            return [], total
     base = schedule.baseline + RUNTIME_OVERHEAD + heap_slack(max((u.live_bytes for u in schedule.units), default=0))
     running: list[tuple[float, int]] = []  # (end time, live bytes)
     live, now = 0, 0.0
     points = [(0.0, base)]
+    per_row: dict[int, tuple[int, float]] = {}  # task -> (bytes read per row, compute seconds per row)
     for u in schedule.units:
-        task = tasks[u.task]
+        costs = per_row.get(u.task)
+        if costs is None:
+            task = tasks[u.task]
+            elems = (task.output.nbytes // max(task.output.rows, 1)) // task.output.dtype.itemsize
+            costs = per_row[u.task] = (sum(info.row_bytes for _, info in task.all_inputs),
+                                       elems * len(task.all_inputs) / speeds.compute_elements_per_s)
         while running and (len(running) >= schedule.workers or live + u.live_bytes > schedule.work_budget):
             end, nbytes = heapq.heappop(running)
             now = max(now, end)
             live -= nbytes
             points.append((now, base + live))
-        read = sum(info.row_bytes for _, info in task.all_inputs) * u.rows
-        elems = u.rows * (task.output.nbytes // max(task.output.rows, 1)) // task.output.dtype.itemsize
-        duration = read / speeds.disk_bytes_per_s + elems * len(task.all_inputs) / speeds.compute_elements_per_s + UNIT_SECONDS
+        duration = costs[0] * u.rows / speeds.disk_bytes_per_s + costs[1] * u.rows + UNIT_SECONDS
         live += u.live_bytes
         heapq.heappush(running, (now + duration, u.live_bytes))
         points.append((now, base + live))
@@ -84,3 +97,23 @@ def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> tup
         live -= nbytes
         points.append((now, base + live))
     return points, now
+
+
+def _total_when_memory_never_waits(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> float | None:
+    units = schedule.units
+    live = np.fromiter((u.live_bytes for u in units), dtype=np.int64, count=len(units))
+    window = live.copy()
+    for d in range(1, schedule.workers):
+        window[d:] += live[:-d]
+    if int(window.max()) > schedule.work_budget:
+        return None
+    read_per_row = np.zeros(len(tasks))
+    compute_per_row = np.zeros(len(tasks))
+    for i, task in enumerate(tasks):
+        elems = (task.output.nbytes // max(task.output.rows, 1)) // task.output.dtype.itemsize
+        read_per_row[i] = sum(info.row_bytes for _, info in task.all_inputs)
+        compute_per_row[i] = elems * len(task.all_inputs) / speeds.compute_elements_per_s
+    task = np.fromiter((u.task for u in units), dtype=np.int64, count=len(units))
+    rows = np.fromiter((u.row_stop - u.row_start for u in units), dtype=np.int64, count=len(units))
+    seconds = read_per_row[task] * rows / speeds.disk_bytes_per_s + compute_per_row[task] * rows + UNIT_SECONDS
+    return float(seconds.sum()) / schedule.workers
