@@ -674,3 +674,32 @@ def test_dequantize_writes_plain_weights_in_the_bases_dtype_without_quantization
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
     for name in ea:
         assert torch.equal(got[name], linear(ea[name], eb[name]).to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("preset, fmt", [("NVFP4A16", "nvfp4-pack-quantized"), ("W4A16", "pack-quantized")])
+def test_a_quantized_write_back_stopped_by_a_full_disk_resumes_to_the_same_bytes(tmp_path, monkeypatch, preset, fmt):
+    """Interrupted mid-run (ENOSPC on a shard write), the rerun resumes: partners whose codes were written before
+    the stop are computed again (and NVFP4's global scale from the whole tensor), to the bytes of a clean run."""
+    import errno
+    import os
+
+    (a, _), (b, _) = ct_model(tmp_path, preset, fmt, 0), ct_model(tmp_path, preset, fmt, 1)
+    recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b))
+    args = ("--max-unit", "8K", "--shard-size", "64K", "--workers", "1")
+    assert cli("run", recipe, "-o", tmp_path / "clean", *args).exit_code == 0
+    real_pwrite, calls = os.pwrite, {"n": 0}
+
+    def pwrite_until_full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite_until_full)
+    result = cli("run", recipe, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 1 and "disk full" in result.output
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    result = cli("run", recipe, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 0 and "resumed" in result.output, result.output
+    assert ({p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.safetensors")}
+            == {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.safetensors")})
