@@ -64,6 +64,8 @@ CASES = {
     "ram": ({}, 3, True),
     "ramplus_tl": ({"r": 0.5, "alpha": 0.9}, 3, True),
     "arcee_fusion": ({}, 1, True),
+    "magmax": ({"lambda": 0.7}, 3, True),
+    "expo": ({"extrapolation_factor": 0.4}, 3, True),
 }
 VARIANTS = [  # further modes with their own statistics
     ("nuslerp", {"weight": [0.3, 0.7], "nuslerp_flatten": False}),
