@@ -9,6 +9,9 @@ The engine reads everything it needs from the signature (mergekit's easy_define 
 - `float` / `int` / `bool` arguments are global parameters (slice or top-level `parameters`);
 - `list[float]` / `list[bool]` / `list[int]` arguments are per-model parameters, one value per
   tensor in `tensors`; the default is a per-model default;
+- a `ModelNames` argument is a global list of models named by their recipe `model:` strings
+  (e.g. CABS' `pruning_order`); the engine checks that it names each of the tensor's non-base
+  models once, and the method learns which tensor is which model from `ctx.models`;
 - `stats: dict`            whole-tensor statistics from the method's `statistics` function
   (see below), so the method still works when the engine feeds it row chunks;
 - `ctx: MergeContext`      the tensor's name, row range and the recipe seed, for methods that
@@ -47,6 +50,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 Tensor = torch.Tensor
+ModelNames = tuple[str, ...]  # a global parameter listing models by their recipe `model:` strings
 
 
 @dataclass(frozen=True)
@@ -58,12 +62,13 @@ class MergeContext:
     row_stop: int
     rows: int  # rows in the whole tensor
     seed: int = 0
+    models: tuple[str, ...] = ()  # the recipe `model:` string of each entry of `tensors` (empty: unknown)
 
 
 @dataclass(frozen=True)
 class Parameter:
     name: str  # as the recipe spells it; the argument may add a trailing _ (lambda_)
-    type: type  # float, int or bool
+    type: type  # float, int, bool, or tuple (ModelNames: model strings)
     per_model: bool
     default: Any  # inspect.Parameter.empty when required
 
@@ -135,6 +140,8 @@ def _parameter(p: inspect.Parameter, hint: Any, method: str) -> Parameter:
         return Parameter(p.name.rstrip("_"), inner, True, p.default)
     if hint in (float, int, bool):
         return Parameter(p.name.rstrip("_"), hint, False, p.default)
+    if hint == ModelNames:
+        return Parameter(p.name.rstrip("_"), tuple, False, p.default)
     raise TypeError(f"method {method}: parameter {p.name} has unsupported annotation {hint!r}")
 
 

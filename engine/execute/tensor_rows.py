@@ -34,7 +34,7 @@ def read_inputs(task: TensorTask, start: int, stop: int) -> tuple[torch.Tensor |
 
 
 def context(task: TensorTask, start: int, stop: int, seed: int) -> MergeContext:
-    return MergeContext(task.output.name, start, stop, task.output.rows, seed)
+    return MergeContext(task.output.name, start, stop, task.output.rows, seed, task.input_models)
 
 
 def apply_method(task: TensorTask, base, inputs, start: int, stop: int, seed: int, stats: dict | None) -> torch.Tensor:

@@ -87,9 +87,27 @@ def resolve_params(method: MergeMethod, output_name: str, t: float, global_level
                     raise MergeError(f"recipe field 'parameters.{p.name}': required by method {method.name}")
                 v = p.default
             values[p.name] = coerce_parameter(p.name, v, p.type, "recipe field 'parameters'")
+            if p.type is tuple:
+                check_model_names(method.name, p.name, values[p.name], [m for m, _, _ in inputs], output_name)
     check_ranges(method.name, values, lambda i: (f"model '{inputs[i][0]}' (tensor '{output_name}')" if i is not None
                                                  else f"recipe field 'parameters' (tensor '{output_name}')"))
     return values
+
+
+def check_model_names(method: str, name: str, names: tuple[str, ...], models: list[str], tensor: str) -> None:
+    """A ModelNames parameter (e.g. CABS' pruning_order) lists each non-base model of the tensor once, or is empty."""
+    if not names:
+        return
+    where = f"recipe field 'parameters.{name}' (method {method}, tensor '{tensor}')"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MergeError(f"{where}: names model '{repeated[0]}' more than once")
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise MergeError(f"{where}: '{unknown[0]}' is not one of the models merged besides the base ({', '.join(models)})")
+    left_out = [m for m in models if m not in names]
+    if left_out:
+        raise MergeError(f"{where}: model '{left_out[0]}' is not listed; list every model besides the base, in the order wanted")
 
 
 def sibling_stacks(stack: str, stacks: dict[str, int]) -> list[str]:

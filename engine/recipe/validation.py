@@ -160,6 +160,13 @@ _FALSE = {"false", "no", "off", "f", "n", "0"}
 
 def coerce_parameter(name: str, value: Any, expected: type, where: str) -> Any:
     """A resolved value as the method's type, read the way mergekit's pydantic-style reading allows."""
+    if expected is tuple:  # ModelNames: a list of model strings (a single one is a list of one)
+        names = (value,) if isinstance(value, str) else value
+        if isinstance(names, (tuple, list)) and all(isinstance(v, str) for v in names):
+            return tuple(names)
+        raise MergeError(f"{where}: parameter '{name}' must be a list of model names (their `model:` strings), got {value!r}")
+    if isinstance(value, tuple):
+        raise MergeError(f"{where}: parameter '{name}' must be a number, got the list of names {list(value)!r}")
     if isinstance(value, str):
         text = value.strip().lower()
         if expected is bool and text in _TRUE | _FALSE:
@@ -214,6 +221,13 @@ def check_ranges(method: str, values: dict[str, Any], where_of: Callable[[int | 
         for i, x in (enumerate(v) if isinstance(v, list) else [(None, v)]):
             if not r.allows(x):
                 raise MergeError(f"{where_of(i)}: parameter '{r.parameter}' must be {r.text} for {method}, got {x}")
+    if method == "cabs":
+        for i, (n, m) in enumerate(zip(values["n_val"], values["m_val"])):
+            n = values["default_n_val"] if n == -1 else n
+            m = values["default_m_val"] if m == -1 else m
+            if m <= 0 or not 0 <= n <= m:
+                raise MergeError(f"{where_of(i)}: cabs needs m_val > 0 and 0 ≤ n_val ≤ m_val (-1: the default_ value), "
+                                 f"got n_val {n}, m_val {m}")
     if method in ("della", "della_linear"):
         for i, (d, e) in enumerate(zip(values["density"], values["epsilon"])):
             if d < 1 and (d - e <= 0 or d + e >= 1):

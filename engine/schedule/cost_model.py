@@ -127,7 +127,7 @@ def _probe(task: TensorTask, tail: tuple[int, ...]) -> StatisticsFootprint:
     shape = (PROBE_ROWS,) + tail
     base = torch.randn(shape, generator=gen) if task.base is not None else None
     inputs = [torch.randn(shape, generator=gen) for _ in task.inputs]
-    ctx = MergeContext(task.output.name, 0, PROBE_ROWS, PROBE_ROWS, 0)
+    ctx = MergeContext(task.output.name, 0, PROBE_ROWS, PROBE_ROWS, 0, task.input_models)
     folded = TensorStatistics(PROBE_ROWS, 1, len(task.method.statistics))
     passes = []
     try:
