@@ -28,6 +28,14 @@ row chunk and returns partials the engine combines over the whole tensor:
   on how rows were chunked;
 - an integer partial (counts, histograms) is summed over chunks (integer sums are exact).
 
+Whole tensors: a method that needs every row of a tensor at once (an SVD) declares
+`whole_tensor=True`, or a predicate on the shape (`whole_tensor=lambda shape: len(shape) == 2`),
+and `workspace(shape, models)` -> WholeTensorCost: the float32 elements it holds besides its
+inputs and `scratch`, and its flops (for the plan's time estimate).
+The engine then never row-chunks such a tensor; it costs the unit with that workspace and refuses
+(one line, naming the tensor) a budget it cannot fit. `ctx.warn(text)` lets a method say what
+the weights revealed (e.g. rank deficiency); the run prints it and keeps it in report.json.
+
 Registration: `@merge_method` registers a function once, under a name no other method has;
 methods/registry.py imports every method module and then closes registration, so the table
 is complete and never changes afterwards (nothing is popped or re-registered). A method that
@@ -63,6 +71,23 @@ class MergeContext:
     rows: int  # rows in the whole tensor
     seed: int = 0
     models: tuple[str, ...] = ()  # the recipe `model:` string of each entry of `tensors` (empty: unknown)
+    notes: list[str] = field(default_factory=list, compare=False)  # what ctx.warn said (the engine reports it)
+
+    def warn(self, message: str) -> None:
+        """Say something the weights revealed (e.g. rank-deficient task vectors); the run reports it."""
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+@dataclass(frozen=True)
+class WholeTensorCost:
+    """What one whole-tensor call (e.g. an SVD merge) costs besides reading its inputs."""
+
+    elements: int  # float32 elements held at the peak besides the inputs and `scratch`
+    flops: float  # floating-point operations (for the plan's time estimate)
+
+
+NO_COST = WholeTensorCost(0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -90,6 +115,18 @@ class MergeMethod:
     wants_ctx: bool
     argument_names: dict[str, str] = field(default_factory=dict)  # recipe name -> argument name
     description: str = ""
+    whole_tensor: Callable[[tuple[int, ...]], bool] | None = None  # shapes the method needs all rows of at once
+    workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None  # (shape, models) -> its cost
+
+    def needs_whole(self, shape: tuple[int, ...]) -> bool:
+        """A tensor of this shape is computed in one unit (e.g. it takes an SVD), never row-chunked."""
+        return self.whole_tensor is not None and bool(self.whole_tensor(tuple(shape)))
+
+    def whole_tensor_cost(self, shape: tuple[int, ...], models: int) -> WholeTensorCost:
+        """What a whole-tensor call holds besides its inputs and `scratch` (e.g. SVD factors), and its flops."""
+        if self.workspace is None or not self.needs_whole(shape):
+            return NO_COST
+        return self.workspace(tuple(shape), models)
 
     def _arguments(self, base, tensors, params: dict[str, Any], ctx: MergeContext, stats) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"tensors": tensors}
@@ -155,7 +192,9 @@ def _base_mode(hint: Any) -> str:
 
 
 def declare_method(name: str, function: Callable[..., Tensor], *, min_models: int = 1, max_models: int | None = None,
-                   statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1) -> MergeMethod:
+                   statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
+                   whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
+                   workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None) -> MergeMethod:
     """`function` as a MergeMethod named `name`, its schema read from its signature; registers nothing."""
     hints = typing.get_type_hints(function)
     sig = inspect.signature(function)
@@ -169,11 +208,15 @@ def declare_method(name: str, function: Callable[..., Tensor], *, min_models: in
         statistics=tuple(statistics) if isinstance(statistics, (list, tuple)) else ((statistics,) if statistics else ()),
         wants_ctx="ctx" in sig.parameters, argument_names={param.name: arg for arg, param in declared},
         description=doc.split("\n\n")[0].replace("\n", " "),
+        whole_tensor=(lambda shape: True) if whole_tensor is True else (whole_tensor or None),
+        workspace=workspace,
     )
 
 
 def merge_method(name: str, *, min_models: int = 1, max_models: int | None = None,
-                 statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1):
+                 statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
+                 whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
+                 workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None):
     """Register `function` under the recipe name `name`, its schema read from its signature.
 
     A name is registered once; registering after methods/registry.py closed the table (a method
@@ -185,7 +228,8 @@ def merge_method(name: str, *, min_models: int = 1, max_models: int | None = Non
         if name in _REGISTERED:
             raise RuntimeError(f"merge method '{name}' is registered twice")
         _REGISTERED[name] = declare_method(name, function, min_models=min_models, max_models=max_models,
-                                           statistics=statistics, scratch=scratch)
+                                           statistics=statistics, scratch=scratch, whole_tensor=whole_tensor,
+                                           workspace=workspace)
         return function
 
     return register

@@ -75,6 +75,8 @@ VARIANTS = [  # further modes with their own statistics
     ("ties", {"weight": [1.0, 0.6, 0.4], "density": [0.5, 0.3, 0.9]}),
     ("sce", {}),
 ]
+# methods that need 2-D tensors whole (SVD merges: never row-chunked; tests/test_methods_svd.py)
+WHOLE_TENSOR = {"tsvm", "iso_c", "iso_cts"}
 RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
 SHAPES = [(7, 5), (11,), (5, 3, 2)]
 
@@ -90,7 +92,9 @@ def inputs(name: str, shape: tuple[int, ...], seed: int = 0):
 
 
 def test_every_registered_method_has_a_chunking_case():
-    assert set(all_methods()) == set(CASES)
+    assert set(all_methods()) == set(CASES) | WHOLE_TENSOR
+    assert all(get_method(name).needs_whole((7, 5)) for name in WHOLE_TENSOR)
+    assert not any(get_method(name).needs_whole((7, 5)) for name in CASES)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -158,6 +158,7 @@ class Executor:
         self.done: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.units_run = 0
+        self.method_notes: list[str] = []  # what methods said about the weights (ctx.warn), e.g. rank deficiency
         self.rss_waits = 0
         self._prefetch_fds: dict = {}
         self._statistics: dict[int, TensorStatistics] = {}  # chunked tensors whose units are running
@@ -336,7 +337,7 @@ class Executor:
                 return None
             self.nonfinite.check_inputs(task, base, inputs, unit.row_start)
             out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
-                               None if state is None else state.stats)
+                               None if state is None else state.stats, self.method_notes)
             del base, inputs
         self.nonfinite.check_output(task.output.name, out, unit.row_start)
         raw = out.contiguous().view(-1).view(torch.uint8).numpy() if out.numel() else b""

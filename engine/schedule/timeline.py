@@ -1,6 +1,7 @@
 """Predicted memory over time and run time, by replaying the schedule with measured speeds.
 
-Each unit takes (bytes read / disk speed + elements / compute speed + UNIT_SECONDS); `workers`
+Each unit takes (bytes read / disk speed + elements / compute speed + UNIT_SECONDS, plus for a
+whole-tensor SVD merge its declared flops / the SVD speed measured on a small matrix); `workers`
 units run at once, admitted in order under the work budget exactly as the executor admits them.
 The live bytes of running units, plus baseline and reserve, give the predicted RSS timeline that
 `plan --format html` draws (and overlays with a run's measured profile).
@@ -31,6 +32,21 @@ UNIT_SECONDS = 1.0e-3
 class Speeds:
     disk_bytes_per_s: float
     compute_elements_per_s: float
+    svd_flops_per_s: float = 2.0e9
+
+
+SVD_PROBE = 192  # a thin SVD of this square size takes a few tens of ms: its speed stands for the merge's SVDs
+
+
+def measure_svd_speed() -> float:
+    """Flops per second of torch.linalg.svd (counted as methods/subspace.py `svd_flops` counts them)."""
+    from ...methods.subspace import svd_flops
+
+    a = torch.randn(SVD_PROBE, SVD_PROBE, generator=torch.Generator().manual_seed(0))
+    torch.linalg.svd(a, full_matrices=False)  # the first call loads LAPACK
+    start = time.perf_counter()
+    torch.linalg.svd(a, full_matrices=False)
+    return svd_flops(SVD_PROBE, SVD_PROBE) / max(time.perf_counter() - start, 1e-6)
 
 
 def measure_speeds(sample_file: str | None = None) -> Speeds:
@@ -56,7 +72,7 @@ def measure_speeds(sample_file: str | None = None) -> Speeds:
             disk = done / max(time.perf_counter() - start, 1e-6)
         finally:
             os.close(fd)
-    return Speeds(min(disk, 3e9), compute)
+    return Speeds(min(disk, 3e9), compute, measure_svd_speed())
 
 
 def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> tuple[list[tuple[float, int]], float]:
@@ -75,6 +91,8 @@ def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> tup
         read = sum(info.row_bytes for _, info in task.all_inputs) * u.rows
         elems = u.rows * (task.output.nbytes // max(task.output.rows, 1)) // task.output.dtype.itemsize
         duration = read / speeds.disk_bytes_per_s + elems * len(task.all_inputs) / speeds.compute_elements_per_s + UNIT_SECONDS
+        if u.rows == task.output.rows:  # a whole-tensor method's SVDs
+            duration += task.method.whole_tensor_cost(task.output.shape, len(task.inputs)).flops / speeds.svd_flops_per_s
         live += u.live_bytes
         heapq.heappush(running, (now + duration, u.live_bytes))
         points.append((now, base + live))
