@@ -91,8 +91,8 @@ def simulate(tasks: list[TensorTask], schedule: Schedule, speeds: Speeds) -> tup
         read = sum(info.row_bytes for _, info in task.all_inputs) * u.rows
         elems = u.rows * (task.output.nbytes // max(task.output.rows, 1)) // task.output.dtype.itemsize
         duration = read / speeds.disk_bytes_per_s + elems * len(task.all_inputs) / speeds.compute_elements_per_s + UNIT_SECONDS
-        if u.rows == task.output.rows:  # a whole-tensor method's SVDs
-            duration += task.method.whole_tensor_cost(task.output.shape, len(task.inputs)).flops / speeds.svd_flops_per_s
+        if u.rows == task.output.rows:  # a whole-tensor method's SVDs, on a worker's share of the cores
+            duration += task.method.whole_tensor_cost(task.output.shape, len(task.inputs)).flops / speeds.svd_flops_per_s * schedule.workers
         live += u.live_bytes
         heapq.heappush(running, (now + duration, u.live_bytes))
         points.append((now, base + live))

@@ -1,0 +1,187 @@
+"""TSV-M, ISO-C and ISO-CTS against their papers' formulas written here (float64), and the engine's
+whole-tensor contract: never row-chunked, the SVD's workspace costed, a budget that cannot hold
+it refused in one line naming the tensor, rank-deficient task vectors reported."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers import cli, load_tensors, merge
+from test_methods_chunking import run_method
+
+from mergeng.methods.registry import get_method
+
+
+def task_models(shape, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + 0.1 * torch.randn(shape, generator=g) for _ in range(n)]
+
+
+def polar(x):
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def tsvm_reference(base, xs, weight, lam):
+    """Gargiulo et al.: per task the top r/N singular triplets; U and V blocks orthogonalised (polar)."""
+    b = base.double()
+    taus = [w * (x.double() - b) for w, x in zip(weight, xs)]
+    r = min(base.shape)
+    k = int(r * (1 / len(xs)))
+    us, ss, vs = [], [], []
+    for tau in taus:
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k])
+    pad = r - k * len(xs)
+    u_hat = torch.cat(us + [torch.zeros(base.shape[0], pad, dtype=torch.float64)], 1)
+    s_hat = torch.cat(ss + [torch.zeros(pad, dtype=torch.float64)])
+    v_hat = torch.cat(vs + [torch.zeros(pad, base.shape[1], dtype=torch.float64)], 0)
+    return (b + lam * polar(u_hat) @ torch.diag(s_hat) @ polar(v_hat)).float()
+
+
+def iso_c_reference(base, xs, lam):
+    """Marczak et al.: the summed task vector with every singular value set to their mean."""
+    b = base.double()
+    m = sum(x.double() - b for x in xs)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return (b + lam * s.mean() * u @ vh).float()
+
+
+def iso_cts_reference(base, xs, lam, fraction):
+    """Common subspace (top k_c of the sum) + per task the top d of τ_i − U_c U_cᵀ τ_i, polar, flat spectrum."""
+    b = base.double()
+    taus = [x.double() - b for x in xs]
+    r, n = min(base.shape), len(xs)
+    k_c = int(r * fraction)
+    k_c = r - round((r - k_c) / n) * n
+    d = (r - k_c) // n
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    uc, sc, vc = u[:, :k_c], s[:k_c], vh[:k_c]
+    us, ss, vs = [], [], []
+    for tau in taus:
+        ut, st, vt = torch.linalg.svd(tau - uc @ uc.T @ tau, full_matrices=False)
+        us.append(ut[:, :d]), ss.append(st[:d]), vs.append(vt[:d])
+    s_hat = torch.cat(ss + [sc])
+    return (b + lam * s_hat.mean() * polar(torch.cat(us + [uc], 1)) @ polar(torch.cat(vs + [vc], 0))).float()
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tsvm_follows_the_formula_with_per_model_weights_before_and_lambda_after():
+    base, xs = task_models((24, 18), 3)
+    out = run_method("tsvm", base, xs, {"weight": [1.0, 0.5, 2.0], "lambda": 0.7})
+    close(out, tsvm_reference(base, xs, [1.0, 0.5, 2.0], 0.7))
+    wide, wide_xs = task_models((10, 25), 4, seed=1)  # N does not divide r: zero-padded blocks
+    close(run_method("tsvm", wide, wide_xs, {}), tsvm_reference(wide, wide_xs, [1.0] * 4, 1.0))
+
+
+def test_iso_c_flattens_the_spectrum_of_the_summed_task_vector():
+    base, xs = task_models((20, 30), 3, seed=2)
+    out = run_method("iso_c", base, xs, {"lambda": 1.5})
+    close(out, iso_c_reference(base, xs, 1.5))
+    s = torch.linalg.svdvals((out - base).double())
+    assert (s.max() - s.min()) / s.max() < 1e-4  # isotropic
+
+
+def test_iso_cts_combines_common_and_task_subspaces():
+    base, xs = task_models((30, 22), 3, seed=3)
+    close(run_method("iso_cts", base, xs, {"lambda": 1.2, "common_space_fraction": 0.6}),
+          iso_cts_reference(base, xs, 1.2, 0.6))
+    close(run_method("iso_cts", base, xs, {}), iso_cts_reference(base, xs, 1.0, 0.8))
+
+
+def test_vectors_get_the_mean_task_vector_and_may_be_chunked():
+    base, xs = task_models((13,), 3, seed=4)
+    mean = sum(x - base for x in xs) / 3
+    for name in ("tsvm", "iso_c", "iso_cts"):
+        assert not get_method(name).needs_whole((13,))
+        out = run_method(name, base, xs, {"lambda": 0.9})
+        close(out, base + 0.9 * mean)
+        assert torch.equal(run_method(name, base, xs, {"lambda": 0.9}, chunk_rows=4), out)
+
+
+def test_svd_workspace_grows_with_the_tensor():
+    small = get_method("tsvm").whole_tensor_cost((64, 64), 3)
+    large = get_method("tsvm").whole_tensor_cost((1024, 1024), 3)
+    assert large.elements > 4 * 1024 * 1024 and large.flops > 3 * small.flops * 4096 / 64
+
+
+# --- through the CLI -------------------------------------------------------------------------
+
+def recipe(t, method, extra=""):
+    return f"""
+merge_method: {method}
+base_model: {t['base']}
+models:
+  - model: {t['a']}
+    parameters: {{weight: 1.0}}
+  - model: {t['b']}
+    parameters: {{weight: 1.0}}
+parameters: {{lambda: 1.0}}
+dtype: float32
+{extra}"""
+
+
+def test_plan_lists_the_svd_tensors_and_run_never_chunks_them(tmp_path, tiny_models):
+    t = tiny_models
+    path = tmp_path / "r.yml"
+    path.write_text(recipe(t, "iso_c"))
+    result = cli("plan", path, "--format", "json", "--max-unit", "20K")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    whole = {w["tensor"] for w in summary["whole_tensors"]}
+    two_d = {n for n, info in load_tensors(t["base"]).items() if info.dim() == 2}
+    assert whole == two_d
+    assert not whole & {c["tensor"] for c in summary["chunked_tensors"]}
+    path.write_text(recipe(t, "task_arithmetic"))  # the same cap does cut the same tensors for a row-local method
+    chunked = json.loads(cli("plan", path, "--format", "json", "--max-unit", "20K").stdout)["chunked_tensors"]
+    assert {c["tensor"] for c in chunked} & two_d
+    out = load_tensors(merge(tmp_path, recipe(t, "iso_c"), "--max-unit", "20K"))
+    inputs = {k: load_tensors(t[k]) for k in ("base", "a", "b")}
+    name = "model.embed_tokens.weight"
+    close(out[name], iso_c_reference(inputs["base"][name], [inputs["a"][name], inputs["b"][name]], 1.0))
+
+
+def test_a_budget_too_small_for_an_svd_is_refused_in_one_line(tmp_path, tiny_models):
+    path = tmp_path / "r.yml"
+    path.write_text(recipe(tiny_models, "tsvm"))
+    needed = json.loads(cli("plan", path, "--format", "json").stdout)["min_ram_bytes"]
+    for command in (("plan", path), ("run", path, "-o", tmp_path / "out")):
+        result = cli(*command, "--ram", str(needed - (1 << 20)))
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "takes an SVD of the whole tensor" in lines[0] and "tensor '" in lines[0], result.output
+    assert not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_rank_deficient_task_vectors_are_reported(tmp_path, tiny_models):
+    from safetensors.torch import load_file, save_file
+
+    t = tiny_models
+    low = {}
+    for k in ("a", "b"):  # a copy of the base whose q_proj moved by a rank-1 change
+        folder = tmp_path / f"low_{k}"
+        folder.mkdir()
+        for f in t["base"].iterdir():
+            if f.suffix != ".safetensors":
+                (folder / f.name).write_bytes(f.read_bytes())
+        for f in t["base"].glob("*.safetensors"):
+            tensors = load_file(f)
+            name = "model.layers.0.self_attn.q_proj.weight"
+            if name in tensors:
+                g = torch.Generator().manual_seed(ord(k))
+                tensors[name] = tensors[name] + 0.1 * torch.outer(torch.randn(tensors[name].shape[0], generator=g),
+                                                                  torch.randn(tensors[name].shape[1], generator=g))
+            save_file(tensors, folder / f.name, metadata={"format": "pt"})
+        low[k] = folder
+    path = tmp_path / "r.yml"
+    path.write_text(recipe({"base": t["base"], "a": low["a"], "b": low["b"]}, "iso_c", "include: ['*q_proj*']"))
+    result = cli("run", path, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "numerical rank" in result.output and "q_proj" in result.output
+    report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
+    assert any("model.layers.0.self_attn.q_proj.weight" in w for w in report["method_warnings"])
