@@ -46,7 +46,10 @@ def render_markdown() -> str:
         doc = inspect.getdoc(m.function) or ""
         lines += [f"## `{m.name}`", "", doc, "",
                   f"- base model: **{m.base}**", f"- models besides the base: {_models(m)}",
-                  f"- whole-tensor statistics passes: {len(m.statistics)}", ""]
+                  f"- whole-tensor statistics passes: {len(m.statistics)}"]
+        if m.whole_tensor is not None:
+            lines.append("- needs 2-D tensors whole (an SVD): one unit each, never row-chunked; its workspace counts against `--ram`")
+        lines.append("")
         if m.parameters:
             lines += ["| parameter | scope | default |", "|---|---|---|"]
             lines += [f"| `{p.name}` | {'per model' if p.per_model else 'global'} | {_default(p)} |" for p in m.parameters.values()]
