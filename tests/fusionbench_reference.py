@@ -15,6 +15,9 @@ function, the global scale after, `state_dict_add` onto the pretrained model):
 - iso_cts  `isotropic_merging.iso_utils.iso_cts`
 - magmax   `magmax.magmax._magmax_select`
 - expo     `linear.expo.ExPOAlgorithm.run` (the pool averaged first, then extrapolated)
+- task_arithmetic_svc  `singular_value_calibration.SingularValueCalibrationArithmeticTask.run`
+- tsvm_svc the tsvm case's merge, then `singular_value_calibration.SingularValueCalibration.run`
+- svc      `SingularValueCalibration.run` with model c as the finished merge (`_merged_`), a and b the tasks
 Every case is also printed as one line of JSON (case, parameters) so the test can read what ran.
 """
 
@@ -37,8 +40,12 @@ CASES = {
     "iso_cts_default": {"lambda": 1.0, "common_space_fraction": 0.8, "weight": [1.0, 1.0, 1.0]},
     "magmax": {"lambda": 0.6},
     "expo": {"extrapolation_factor": 0.3},
+    "task_arithmetic_svc": {"lambda": 0.3, "weight": [1.0, 1.0, 1.0], "calibrate": "svc", "svc_alpha": 0.1},
+    "tsvm_svc": {"lambda": 1.0, "weight": [1.0, 1.0, 1.0], "calibrate": "svc", "svc_alpha": 1.0},
+    "svc": {"alpha": 0.5, "merged": "c"},
 }
-METHOD = {case: case.split("_plain")[0].split("_default")[0] for case in CASES}
+METHOD = {case: case.removesuffix("_plain").removesuffix("_default").removesuffix("_svc") for case in CASES}
+METHOD["svc"] = "svc"
 
 
 def load(folder: Path) -> dict[str, torch.Tensor]:
@@ -52,6 +59,8 @@ def main(models_dir: Path, out_dir: Path) -> None:
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
     from fusion_bench.method.linear.expo import ExPOAlgorithm
     from fusion_bench.method.magmax.magmax import _magmax_select
+    from fusion_bench.method.singular_value_calibration import (SingularValueCalibration,
+                                                                SingularValueCalibrationArithmeticTask)
     from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
     from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
 
@@ -63,6 +72,14 @@ def main(models_dir: Path, out_dir: Path) -> None:
         method = METHOD[case]
         if method == "expo":
             merged = expo_with_modules(ExPOAlgorithm, base, models, params["extrapolation_factor"])
+        elif case == "task_arithmetic_svc":
+            merged = run_on_modules(SingularValueCalibrationArithmeticTask(scaling_factor=params["lambda"], alpha=params["svc_alpha"]),
+                                    base, models)
+        elif case == "tsvm_svc":
+            tsvm_merge = load_file(str(out_dir / "tsvm_plain.safetensors"))  # written above (same parameters)
+            merged = run_on_modules(SingularValueCalibration(alpha=params["svc_alpha"]), base, models, tsvm_merge)
+        elif case == "svc":
+            merged = run_on_modules(SingularValueCalibration(alpha=params["alpha"]), base, models[:2], models[2])
         else:
             task_vectors = [state_dict_sub(m, base) for m in models]
             weights = params.get("weight")
@@ -81,17 +98,26 @@ def main(models_dir: Path, out_dir: Path) -> None:
         print(json.dumps({"case": case, "method": method, "parameters": params}))
 
 
-def expo_with_modules(algorithm, base: dict, models: list[dict], factor: float) -> dict:
-    """ExPOAlgorithm.run on a pool of nn.Modules holding the state dicts ('.' in names is not allowed: '__')."""
-    def module(state: dict) -> torch.nn.Module:
-        m = torch.nn.Module()
-        for name, value in state.items():
-            m.register_parameter(name.replace(".", "__"), torch.nn.Parameter(value.clone(), requires_grad=False))
-        return m
+def module(state: dict) -> torch.nn.Module:
+    """An nn.Module holding a state dict as parameters ('.' is not allowed in their names: '__')."""
+    m = torch.nn.Module()
+    for name, value in state.items():
+        m.register_parameter(name.replace(".", "__"), torch.nn.Parameter(value.clone(), requires_grad=False))
+    return m
 
+
+def run_on_modules(algorithm, base: dict, models: list[dict], merged: dict | None = None) -> dict:
+    """`algorithm.run` on a pool of modules: `_pretrained_`, the models, and `_merged_` when given."""
     pool = {"_pretrained_": module(base), **{f"model_{i}": module(m) for i, m in enumerate(models)}}
-    merged = algorithm(extrapolation_factor=factor).run(pool)
-    return {name.replace("__", "."): p.detach() for name, p in merged.state_dict().items()}
+    if merged is not None:
+        pool["_merged_"] = module(merged)
+    result = algorithm.run(pool)
+    return {name.replace("__", "."): p.detach() for name, p in result.state_dict().items()}
+
+
+def expo_with_modules(algorithm, base: dict, models: list[dict], factor: float) -> dict:
+    """ExPOAlgorithm.run on a pool of nn.Modules holding the state dicts."""
+    return run_on_modules(algorithm(extrapolation_factor=factor), base, models)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Parity with FusionBench 0.2.33 through `mergeng run`: tsvm, iso_c, iso_cts, magmax, expo.
+"""Parity with FusionBench 0.2.33 through `mergeng run`: tsvm, iso_c, iso_cts, magmax, expo, svc (standalone
+and as `calibrate: svc` over task arithmetic and TSV-M).
 
 Tiny float32 Llama-shaped models (hidden 8, full-rank random task vectors) are merged by
 `mergeng run` and compared with FusionBench's own functions on the same state dicts
@@ -52,9 +53,14 @@ def inputs_digest(root: Path) -> str:
 def recipe(models: Path, case: str) -> str:
     params = CASES[case]
     weights = params.get("weight")
-    entries = "\n".join(f"  - model: {models / name}" + (f"\n    parameters: {{weight: {weights[i]}}}" if weights else "")
-                        for i, name in enumerate(("a", "b", "c")))
-    top = {k: v for k, v in params.items() if k != "weight"}
+    merged = params.get("merged")
+
+    def entry(i: int, name: str) -> str:
+        own = {"weight": weights[i]} if weights else ({"merged": True} if name == merged else {})
+        return f"  - model: {models / name}" + (f"\n    parameters: {json.dumps(own)}" if own else "")
+
+    entries = "\n".join(entry(i, name) for i, name in enumerate(("a", "b", "c")))
+    top = {k: v for k, v in params.items() if k not in ("weight", "merged")}
     return f"merge_method: {METHOD[case]}\nbase_model: {models / 'base'}\nmodels:\n{entries}\nparameters: {json.dumps(top)}\ndtype: float32\n"
 
 

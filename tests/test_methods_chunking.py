@@ -76,7 +76,7 @@ VARIANTS = [  # further modes with their own statistics
     ("sce", {}),
 ]
 # methods that need 2-D tensors whole (SVD merges: never row-chunked; tests/test_methods_svd.py)
-WHOLE_TENSOR = {"tsvm", "iso_c", "iso_cts"}
+WHOLE_TENSOR = {"tsvm", "iso_c", "iso_cts", "svc"}
 RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
 SHAPES = [(7, 5), (11,), (5, 3, 2)]
 

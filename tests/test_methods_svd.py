@@ -185,3 +185,47 @@ def test_rank_deficient_task_vectors_are_reported(tmp_path, tiny_models):
     assert "numerical rank" in result.output and "q_proj" in result.output
     report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
     assert any("model.layers.0.self_attn.q_proj.weight" in w for w in report["method_warnings"])
+
+
+# --- SVC -------------------------------------------------------------------------------------
+
+def svc_reference(base, tasks, merged, alpha):
+    """Per singular direction r of ΔM: γ_r = N / Σ_i max(α, ⟨u_rᵀΔM, u_rᵀτ_i⟩/‖u_rᵀτ_i‖²), S_r ← γ_r·S_r."""
+    b = base.double()
+    delta = merged.double() - b
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    gamma = []
+    for r in range(s.numel()):
+        a = u[:, r] @ delta
+        coefficients = [float((a @ (u[:, r] @ (x.double() - b))) / (u[:, r] @ (x.double() - b)).square().sum()) for x in tasks]
+        gamma.append(len(tasks) / sum(max(alpha, c) for c in coefficients))
+    return (b + u @ torch.diag(torch.tensor(gamma, dtype=torch.float64) * s) @ vh).float()
+
+
+def test_svc_calibrates_the_marked_merge_against_the_task_models():
+    base, xs = task_models((12, 9), 3, seed=6)
+    merge_ = base + 0.9 * sum(x - base for x in xs)  # an over-counting merge
+    out = run_method("svc", base, [xs[0], merge_, xs[1], xs[2]], {"merged": [False, True, False, False], "alpha": 0.2})
+    close(out, svc_reference(base, xs, merge_, 0.2))
+    vector, vector_xs = task_models((7,), 2, seed=7)
+    assert torch.equal(run_method("svc", vector, [vector_xs[0], vector_xs[1]], {"merged": [False, True]}), vector_xs[1])
+
+
+def test_calibrate_svc_follows_any_task_vector_method_and_refuses_methods_without_a_base():
+    from mergeng.errors import MergeError
+    from mergeng.methods.svc import with_svc_calibration
+    from test_methods_chunking import full_params
+    from mergeng.methods.registry import MergeContext
+    import pytest
+
+    base, xs = task_models((10, 8), 3, seed=8)
+    params = {"weight": [1.0, 0.5, 0.8], "density": [0.5, 0.6, 0.7], "lambda": 1.0}
+    ties = get_method("ties")
+    calibrated = with_svc_calibration(ties)
+    assert calibrated.needs_whole((10, 8)) and not calibrated.needs_whole((10,))
+    full = {**full_params("ties", params, 3), "calibrate": "svc", "svc_alpha": 0.3}
+    out = calibrated(base, xs, full, MergeContext("t", 0, 10, 10))
+    merged = run_method("ties", base, xs, params)
+    close(out, svc_reference(base, xs, merged, 0.3))
+    with pytest.raises(MergeError, match="has no base"):
+        with_svc_calibration(get_method("linear"))

@@ -23,6 +23,7 @@ from ...architectures.alignment import align
 from ...architectures.layout import find_layer_stacks, language_stack, parse_layer_name
 from ...architectures.vocabulary import is_vocab_tensor
 from ...methods.registry import MergeMethod, get_method
+from ...methods.svc import with_svc_calibration
 from ..recipe.schema import RECIPE_DTYPES
 from ...errors import MergeError
 from ..inputs.lora import open_model
@@ -110,6 +111,16 @@ def check_model_names(method: str, name: str, names: tuple[str, ...], models: li
         raise MergeError(f"{where}: model '{left_out[0]}' is not listed; list every model besides the base, in the order wanted")
 
 
+def with_calibration(method: MergeMethod, parameters: Parameters) -> MergeMethod:
+    """The recipe's method, followed by a calibration when top-level `parameters.calibrate` asks for one (svc)."""
+    if "calibrate" not in parameters:
+        return method
+    value = parameters["calibrate"]
+    if value != "svc":
+        raise MergeError(f"recipe field 'parameters.calibrate': unknown calibration {value!r} (known: svc)")
+    return with_svc_calibration(method)
+
+
 def sibling_stacks(stack: str, stacks: dict[str, int]) -> list[str]:
     """The stacks `slices` cut together: `stack` and every stack beside it (same parent, same layer
     count) that numbers the same layers in parts, e.g. XLM's `transformer.attentions.N`,
@@ -125,7 +136,7 @@ class PlanBuilder:
     def __init__(self, recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: bool = False):
         self.recipe = recipe
         self.sources = sources
-        self.method = get_method(recipe.merge_method)
+        self.method = with_calibration(get_method(recipe.merge_method), recipe.parameters)
         self.truncate_vocab = truncate_vocab  # the user allows vocabularies of different sizes to be cut
         self.truncated: dict[str, str] = {}  # output name -> how its vocabulary rows were cut
         self.warnings: list[str] = []

@@ -165,6 +165,10 @@ def coerce_parameter(name: str, value: Any, expected: type, where: str) -> Any:
         if isinstance(names, (tuple, list)) and all(isinstance(v, str) for v in names):
             return tuple(names)
         raise MergeError(f"{where}: parameter '{name}' must be a list of model names (their `model:` strings), got {value!r}")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise MergeError(f"{where}: parameter '{name}' must be a name, got {value!r}")
     if isinstance(value, tuple):
         raise MergeError(f"{where}: parameter '{name}' must be a number, got the list of names {list(value)!r}")
     if isinstance(value, str):
@@ -221,6 +225,9 @@ def check_ranges(method: str, values: dict[str, Any], where_of: Callable[[int | 
         for i, x in (enumerate(v) if isinstance(v, list) else [(None, v)]):
             if not r.allows(x):
                 raise MergeError(f"{where_of(i)}: parameter '{r.parameter}' must be {r.text} for {method}, got {x}")
+    if method == "svc" and values["merged"].count(True) != 1:
+        raise MergeError(f"{where_of(None)}: svc needs exactly one model marked as the merge with "
+                         f"`parameters: {{merged: true}}` on that model ({values['merged'].count(True)} marked)")
     if method == "cabs":
         for i, (n, m) in enumerate(zip(values["n_val"], values["m_val"])):
             n = values["default_n_val"] if n == -1 else n
