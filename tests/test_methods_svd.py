@@ -229,3 +229,25 @@ def test_calibrate_svc_follows_any_task_vector_method_and_refuses_methods_withou
     close(out, svc_reference(base, xs, merged, 0.3))
     with pytest.raises(MergeError, match="has no base"):
         with_svc_calibration(get_method("linear"))
+
+
+def test_an_svd_intermediate_read_in_row_chunks_is_computed_whole_once(tmp_path, tiny_models):
+    """A multi-stage recipe whose first stage is ISO-C, read by a row-chunked task arithmetic stage:
+    the fused run equals running the stages one after another."""
+    t = tiny_models
+    stage1 = recipe(t, "iso_c").replace("dtype: float32", "dtype: float32\nname: iso")
+    final = f"""merge_method: task_arithmetic
+base_model: {t['base']}
+models:
+  - model: iso
+    parameters: {{weight: 0.7}}
+  - model: {t['b']}
+    parameters: {{weight: 0.3}}
+dtype: float32
+"""
+    fused = load_tensors(merge(tmp_path, stage1 + "---\n" + final, "--max-unit", "20K", name="fused"))
+    first = merge(tmp_path, recipe(t, "iso_c"), name="first")
+    alone = load_tensors(merge(tmp_path, final.replace("model: iso", f"model: {first}"), name="second"))
+    assert fused.keys() == alone.keys()
+    for name in alone:
+        assert torch.equal(fused[name], alone[name]), name
