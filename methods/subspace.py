@@ -12,6 +12,11 @@ methods are declared `whole_tensor` for 2-D shapes: the engine schedules such a 
 and counts `svd_workspace` (float32 elements besides the inputs, a model fitted to measured peaks)
 against --ram; other shapes are element-wise and may be row-chunked.
 
+Determinism: LAPACK's SVD (MKL) gives different bits for different thread counts, so every SVD
+merge runs its linear algebra with one intra-op thread (`one_thread`, set for the calling thread
+only: other workers keep theirs); the bytes then do not depend on --workers or the core count.
+Across CPU instruction sets MKL may still differ in the last bits (MKL_CBWR pins its code path).
+
 Rank-deficient task vectors (LoRA-merged fine-tunes, untouched tensors) make the kept singular
 directions partly arbitrary, so the result is not reproducible across precisions or libraries:
 an SVD whose kept singular values fall below max(m, n)·eps·σ_max is said through ctx.warn.
@@ -19,9 +24,32 @@ an SVD whose kept singular values fall below max(m, n)·eps·σ_max is said thro
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
+
 import torch
 
 from .declaration import MergeContext, Tensor, WholeTensorCost, merge_method
+
+
+@contextmanager
+def one_thread():
+    """Run the block's torch ops on one intra-op thread (per calling thread), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def single_threaded(function):
+    """`function` (a merge) with its linear algebra on one thread, so its bits do not depend on the thread count."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with one_thread():
+            return function(*args, **kwargs)
+    return run
 
 
 def svd_flops(m: int, n: int) -> float:
@@ -91,6 +119,7 @@ def _taus(base: Tensor, tensors: list[Tensor], weight: list[float] | None):
 
 
 @merge_method("tsvm", min_models=1, scratch=1, whole_tensor=is_matrix, workspace=_workspace(1, True, lambda n: n))
+@single_threaded
 def tsvm(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[float] = 1.0, lambda_: float = 1.0) -> Tensor:
     """TSV-M: each task vector's top r/N singular triplets, their U and V orthogonalised, recombined.
 
@@ -125,6 +154,7 @@ def tsvm(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[fl
 
 
 @merge_method("iso_c", min_models=1, scratch=1, whole_tensor=is_matrix, workspace=_workspace(2, False, lambda n: 1))
+@single_threaded
 def iso_c(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[float] = 1.0, lambda_: float = 1.0) -> Tensor:
     """ISO-C: the summed task vector with a flat spectrum (every singular value := their mean).
 
@@ -148,6 +178,7 @@ def iso_c(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[f
 
 
 @merge_method("iso_cts", min_models=1, scratch=1, whole_tensor=is_matrix, workspace=_workspace(3, True, lambda n: n + 1))
+@single_threaded
 def iso_cts(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[float] = 1.0, lambda_: float = 1.0,
             common_space_fraction: float = 0.8) -> Tensor:
     """ISO-CTS: a common subspace of the summed task vector plus each task's own leading directions, isotropic.

@@ -29,9 +29,10 @@ import torch
 
 from ..errors import MergeError
 from .declaration import MergeContext, MergeMethod, Parameter, Tensor, WholeTensorCost, merge_method
-from .subspace import is_matrix, svd_elements, svd_flops
+from .subspace import is_matrix, single_threaded, svd_elements, svd_flops
 
 
+@single_threaded
 def calibrate(base: Tensor, tasks: list[Tensor], merged: Tensor, alpha: float) -> Tensor:
     """The calibrated merge of one 2-D tensor (float32), from float32 base, task models and merge."""
     b = base.to(torch.float64)

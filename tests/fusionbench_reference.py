@@ -65,6 +65,7 @@ def main(models_dir: Path, out_dir: Path) -> None:
     from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
 
     torch.set_grad_enabled(False)
+    torch.set_num_threads(1)  # as mergeng runs its SVDs: LAPACK's bits depend on the thread count
     base = load(models_dir / "base")
     models = [load(models_dir / name) for name in ("a", "b", "c")]
     out_dir.mkdir(parents=True, exist_ok=True)
