@@ -90,9 +90,11 @@ def _polar(x: Tensor) -> Tensor:
     return u @ vh
 
 
-def _check_rank(s: Tensor, kept: int, what: str, shape, ctx: MergeContext) -> None:
-    """Warn when the `kept` leading singular values include numerically zero ones."""
-    if kept <= 0 or s.numel() == 0:
+def _check_rank(s: Tensor, kept: int, what: str, shape, ctx: MergeContext, zero_is_fine: bool = False) -> None:
+    """Warn when the `kept` leading singular values include numerically zero ones.
+
+    `zero_is_fine`: an all-zero matrix is no problem (a summed task vector of zero: the result is the base)."""
+    if kept <= 0 or s.numel() == 0 or (zero_is_fine and float(s[0]) == 0.0):
         return
     tol = max(shape) * torch.finfo(torch.float32).eps * float(s[0])
     rank = int((s > tol).sum())
@@ -100,6 +102,11 @@ def _check_rank(s: Tensor, kept: int, what: str, shape, ctx: MergeContext) -> No
         ctx.warn(f"tensor '{ctx.tensor_name}': {what} has numerical rank {rank} < the {min(kept, s.numel())} singular "
                  f"directions used (rank-deficient task vectors, e.g. LoRA-merged fine-tunes): the merge is unstable "
                  f"there and not reproducible across precisions")
+
+
+def model_label(ctx: MergeContext, i: int) -> str:
+    """How a message names input i: its recipe `model:` string when known."""
+    return f"model '{ctx.models[i]}'" if i < len(ctx.models) else f"model {i + 1}"
 
 
 def _running_mean(taus) -> Tensor:
@@ -140,7 +147,7 @@ def tsvm(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[fl
     sum_vh = torch.zeros(r, n)
     for i, tau in enumerate(_taus(base, tensors, weight)):
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        _check_rank(s, k, f"the task vector of model {i + 1}", base.shape, ctx)
+        _check_rank(s, k, f"the task vector of {model_label(ctx, i)}", base.shape, ctx)
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k, :] = vh[:k, :]
@@ -172,7 +179,7 @@ def iso_c(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[f
     total = mean * n
     del taus, mean
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    _check_rank(s, s.numel(), "the summed task vector", base.shape, ctx)
+    _check_rank(s, s.numel(), "the summed task vector", base.shape, ctx, zero_is_fine=True)
     flat = torch.ones_like(s) * s.mean()
     return base + lambda_ * torch.linalg.multi_dot((u, torch.diag(flat), vh))
 
@@ -199,7 +206,7 @@ def iso_cts(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list
     per_task = int((r - common) / count)
     total = sum(_taus(base, tensors, weight))
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    _check_rank(s, common, "the summed task vector", base.shape, ctx)
+    _check_rank(s, common, "the summed task vector", base.shape, ctx, zero_is_fine=True)
     del total
     u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common, :]
     space_u = torch.zeros(m, r)
@@ -208,7 +215,7 @@ def iso_cts(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list
     for i, tau in enumerate(_taus(base, tensors, weight)):
         specific = tau - u_c @ u_c.T @ tau
         u_t, s_t, vh_t = torch.linalg.svd(specific, full_matrices=False)
-        _check_rank(s_t, per_task, f"the task-specific part of model {i + 1}", base.shape, ctx)
+        _check_rank(s_t, per_task, f"the task-specific part of {model_label(ctx, i)}", base.shape, ctx)
         lo, hi = i * per_task, (i + 1) * per_task
         space_u[:, lo:hi] = u_t[:, :per_task]
         space_s[lo:hi] = s_t[:per_task]

@@ -272,3 +272,30 @@ def test_svd_merges_give_the_same_bytes_for_any_thread_count():
     for name, _ in cases:
         assert torch.equal(results[name, 1], results[name, 2]), name
     assert torch.get_num_threads() == before
+
+
+def test_a_lora_input_is_flagged_by_plan_and_its_low_rank_tensors_by_run(tmp_path, tiny_models):
+    from mergeng.cli.tiny_models import make_lora_adapter
+
+    t = tiny_models
+    adapter = make_lora_adapter(tmp_path / "adapter", rank=2, target_modules=("q_proj",))
+    text = f"""
+merge_method: tsvm
+base_model: {t['base']}
+models:
+  - model: {t['base']}+{adapter}
+  - model: {t['a']}
+parameters: {{lambda: 1.0}}
+include: ['*layers.0.self_attn.q_proj*', '*layers.0.mlp.up_proj*']
+dtype: float32
+"""
+    path = tmp_path / "r.yml"
+    path.write_text(text)
+    planned = json.loads(cli("plan", path, "--format", "json").stdout)
+    assert any("LoRA adapter" in w and "rank" in w for w in planned["warnings"])
+    result = cli("run", path, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
+    flagged = " ".join(report["method_warnings"])
+    assert f"layers.0.self_attn.q_proj.weight': the task vector of model '{t['base']}+{adapter}' has numerical rank 2" in flagged
+    assert f"model '{t['a']}'" not in flagged  # full-rank task vectors are not flagged

@@ -381,6 +381,18 @@ class PlanBuilder:
                             "reason": self.truncated.get(out_name, "")})
 
 
+def lora_rank_warnings(method: MergeMethod, sources: dict[str, ModelSource], base_model: str | None) -> list[str]:
+    """An SVD merge of a base-plus-LoRA input: its task vectors may have the adapter's low rank (unstable)."""
+    if method.whole_tensor is None:
+        return []
+    lora = [label for label, src in sources.items() if label != base_model and getattr(src, "adapter", None) is not None]
+    if not lora:
+        return []
+    return [f"model '{lora[0]}'{f' (and {len(lora) - 1} more)' if len(lora) > 1 else ''} is a model plus a LoRA adapter: "
+            f"where the adapter applies its task vector may have the adapter's low rank, and {method.name} merges "
+            f"rank-deficient task vectors unstably (the run names each such tensor)"]
+
+
 def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: bool = False) -> MergePlan:
     """`truncate_vocab`: the user allows embeddings of different vocabulary sizes to be cut (see `_merged_shape`).
 
@@ -418,6 +430,7 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: 
         set_vision_layers(config, sliced, warnings)
     if builder.vocabulary is None:
         check_tokenizer_source(recipe, sources, donor, tasks)
+    warnings += lora_rank_warnings(builder.method, sources, recipe.base_model)
     if "auto_map" in config:
         warnings.append(f"model '{donor}' uses custom code (auto_map in config.json): its *.py files are copied "
                         f"to the output, and loading it needs trust_remote_code=True")
