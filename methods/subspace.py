@@ -29,6 +29,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..errors import MergeError
 from .declaration import MergeContext, Tensor, WholeTensorCost, merge_method
 
 
@@ -204,6 +205,10 @@ def iso_cts(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list
     common = int(r * common_space_fraction)
     common = r - round((r - common) / count) * count
     per_task = int((r - common) / count)
+    if common < 0:
+        raise MergeError(f"iso_cts: tensor '{ctx.tensor_name}' ({m}×{n}, {count} models): common_space_fraction "
+                         f"{common_space_fraction} leaves no room for a common subspace once the task subspaces are "
+                         f"rounded to {count} equal parts; raise common_space_fraction")
     total = sum(_taus(base, tensors, weight))
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     _check_rank(s, common, "the summed task vector", base.shape, ctx, zero_is_fine=True)

@@ -95,6 +95,8 @@ def with_svc_calibration(method: MergeMethod) -> MergeMethod:
 
     The wrapped method sees its own parameters only; a 2-D tensor is merged whole (its statistics
     passes run inline), then calibrated with the method's models as the tasks."""
+    if method.name == "svc":
+        raise MergeError("parameters.calibrate: svc is already the svc method; drop `calibrate`")
     if method.base != "required":
         raise MergeError(f"parameters.calibrate: svc calibrates task vectors against a base model; "
                          f"method {method.name} has no base (use it with a task-vector method such as task_arithmetic)")

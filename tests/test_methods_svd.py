@@ -299,3 +299,13 @@ dtype: float32
     flagged = " ".join(report["method_warnings"])
     assert f"layers.0.self_attn.q_proj.weight': the task vector of model '{t['base']}+{adapter}' has numerical rank 2" in flagged
     assert f"model '{t['a']}'" not in flagged  # full-rank task vectors are not flagged
+
+
+def test_iso_cts_refuses_a_fraction_that_leaves_a_negative_common_space():
+    import pytest
+
+    from mergeng.errors import MergeError
+
+    base, xs = task_models((5, 5), 3, seed=10)  # r = 5: round(5/3)·3 = 6 task directions > 5
+    with pytest.raises(MergeError, match="common_space_fraction"):
+        run_method("iso_cts", base, xs, {"common_space_fraction": 0.0})

@@ -213,6 +213,8 @@ RANGES = (
     Range(("sce",), "select_topk", lambda v: 0 < v <= 1, "in (0, 1]"),
     Range(("multislerp",), "eps", lambda v: v >= 0, "at least 0"),
     Range(("karcher",), "tol", lambda v: v >= 0, "at least 0"),
+    Range(("iso_cts",), "common_space_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    Range(("svc",), "alpha", lambda v: v > 0, "above 0 (γ_r = N / Σ max(α, s) would divide by zero)"),
 )
 
 
@@ -225,6 +227,8 @@ def check_ranges(method: str, values: dict[str, Any], where_of: Callable[[int | 
         for i, x in (enumerate(v) if isinstance(v, list) else [(None, v)]):
             if not r.allows(x):
                 raise MergeError(f"{where_of(i)}: parameter '{r.parameter}' must be {r.text} for {method}, got {x}")
+    if "svc_alpha" in values and not values["svc_alpha"] > 0:
+        raise MergeError(f"{where_of(None)}: parameter 'svc_alpha' must be above 0 for calibrate: svc, got {values['svc_alpha']}")
     if method == "svc" and values["merged"].count(True) != 1:
         raise MergeError(f"{where_of(None)}: svc needs exactly one model marked as the merge with "
                          f"`parameters: {{merged: true}}` on that model ({values['merged'].count(True)} marked)")
