@@ -103,7 +103,10 @@ def cabs(base: Tensor, tensors: list[Tensor], ctx: MergeContext, stats: dict, we
     `model:` strings; default: sorted). Semantics are the paper's, in float32: the official 7B
     script instead works in fp16, merges exactly two models, and when n ≥ m/2 lets the second
     model keep every free position plus the top m/2 of the first model's positions (overlap); this
-    method never overlaps. Chunk-safe: blocks that cross rows are gathered by a statistics pass."""
+    method never overlaps. Equal magnitudes keep the lower index; a block with fewer than n free
+    positions keeps the free ones. Chunk-safe: when m does not divide the row length, blocks cross
+    rows, a statistics pass gathers the tensor's task vectors and each chunk recomputes the whole
+    tensor's masks (slow for large such tensors; LLM row lengths are multiples of the usual m)."""
     shape = base.shape
     base = at_least_1d(base)
     tensors = [at_least_1d(x) for x in tensors]
