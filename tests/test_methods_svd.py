@@ -185,6 +185,8 @@ def test_rank_deficient_task_vectors_are_reported(tmp_path, tiny_models):
     assert "numerical rank" in result.output and "q_proj" in result.output
     report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
     assert any("model.layers.0.self_attn.q_proj.weight" in w for w in report["method_warnings"])
+    strict = cli("run", path, "-o", tmp_path / "strict", "--strict")  # the weights' warning stops a --strict run
+    assert strict.exit_code == 1 and "numerical rank" in strict.output and "--strict stops here" in strict.output, strict.output
 
 
 # --- SVC -------------------------------------------------------------------------------------
@@ -309,3 +311,16 @@ def test_iso_cts_refuses_a_fraction_that_leaves_a_negative_common_space():
     base, xs = task_models((5, 5), 3, seed=10)  # r = 5: round(5/3)·3 = 6 task directions > 5
     with pytest.raises(MergeError, match="common_space_fraction"):
         run_method("iso_cts", base, xs, {"common_space_fraction": 0.0})
+
+
+def test_strict_stops_at_a_rank_deficient_tensor(tmp_path, tiny_models):
+    from mergeng.cli.tiny_models import make_lora_adapter
+
+    t = tiny_models
+    adapter = make_lora_adapter(tmp_path / "adapter", rank=2, target_modules=("q_proj",))
+    path = tmp_path / "r.yml"
+    path.write_text(f"merge_method: iso_c\nbase_model: {t['base']}\nmodels:\n  - model: {t['base']}+{adapter}\n"
+                    f"include: ['*layers.0.self_attn.q_proj*']\ndtype: float32\n")
+    # plan's LoRA warning alone stops --strict before any weight is read
+    result = cli("run", path, "-o", tmp_path / "out", "--strict")
+    assert result.exit_code == 2 and "LoRA adapter" in result.output, result.output
