@@ -37,7 +37,7 @@ def _field_path(loc: tuple) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("list[float]", "list[Condition]", "bool", "int", "float", "str", "tuple[int, int]"):
+        elif p in ("list[float]", "list[Condition]", "list[str]", "bool", "int", "float", "str", "tuple[int, int]"):
             continue  # union-branch names pydantic adds to the path
         else:
             parts.append(("." if parts else "") + str(p))
