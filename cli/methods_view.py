@@ -20,6 +20,10 @@ def _default(p) -> str:
     return "required" if p.required else repr(p.default)
 
 
+CALIBRATION = ("Any method with a base also takes `calibrate: svc` and `svc_alpha` (default 1.0) in its top-level "
+               "parameters: singular value calibration (arXiv 2602.05536, see `svc`) of each 2-D tensor of its result.")
+
+
 def render_table(console: Console) -> None:
     table = Table()
     table.add_column("method", no_wrap=True)  # names must stay whole, even in a narrow terminal
@@ -29,6 +33,7 @@ def render_table(console: Console) -> None:
         params = ", ".join(f"{p.name}{' (per model)' if p.per_model else ''}={_default(p)}" for p in m.parameters.values())
         table.add_row(m.name, m.base, _models(m), params, m.description)
     console.print(table)
+    console.print(CALIBRATION, highlight=False)
 
 
 def render_markdown() -> str:
@@ -55,4 +60,7 @@ def render_markdown() -> str:
             lines += ["| parameter | scope | default |", "|---|---|---|"]
             lines += [f"| `{p.name}` | {'per model' if p.per_model else 'global'} | {_default(p)} |" for p in m.parameters.values()]
             lines.append("")
+    lines += ["## Calibration: `calibrate: svc`", "", CALIBRATION, "",
+              "| parameter | scope | default |", "|---|---|---|",
+              "| `calibrate` | global (top level) | – (`svc`) |", "| `svc_alpha` | global | 1.0 |"]
     return "\n".join(lines).rstrip() + "\n"
