@@ -91,7 +91,12 @@ def _polar(x: Tensor) -> Tensor:
     return u @ vh
 
 
-def _check_rank(s: Tensor, kept: int, what: str, shape, ctx: MergeContext, zero_is_fine: bool = False) -> None:
+LOW_RANK = "rank-deficient task vectors, e.g. LoRA-merged fine-tunes"
+SHARED = "tasks share singular directions, e.g. two identical models"
+
+
+def _check_rank(s: Tensor, kept: int, what: str, shape, ctx: MergeContext, zero_is_fine: bool = False,
+                why: str = LOW_RANK) -> None:
     """Warn when the `kept` leading singular values include numerically zero ones.
 
     `zero_is_fine`: an all-zero matrix is no problem (a summed task vector of zero: the result is the base)."""
@@ -101,7 +106,7 @@ def _check_rank(s: Tensor, kept: int, what: str, shape, ctx: MergeContext, zero_
     rank = int((s > tol).sum())
     if rank < min(kept, s.numel()):
         ctx.warn(f"tensor '{ctx.tensor_name}': {what} has numerical rank {rank} < the {min(kept, s.numel())} singular "
-                 f"directions used (rank-deficient task vectors, e.g. LoRA-merged fine-tunes): the merge is unstable "
+                 f"directions used ({why}): the merge is unstable "
                  f"there and not reproducible across precisions")
 
 
@@ -153,7 +158,8 @@ def tsvm(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[fl
         sum_s[i * k:(i + 1) * k] = s[:k]
         sum_vh[i * k:(i + 1) * k, :] = vh[:k, :]
         del u, s, vh, tau
-    u_u, _, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
+    u_u, s_u, vh_u = torch.linalg.svd(sum_u, full_matrices=False)
+    _check_rank(s_u, k * len(tensors), "the tasks' stacked left singular vectors", sum_u.shape, ctx, why=SHARED)
     del sum_u
     u_vh, _, vh_vh = torch.linalg.svd(sum_vh, full_matrices=False)
     del sum_vh
@@ -232,5 +238,7 @@ def iso_cts(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list
     space_vh[lo:hi, :] = vh_c
     del u, s, vh
     flat = torch.ones_like(space_s) * space_s.mean()
-    delta = torch.linalg.multi_dot((_polar(space_u), torch.diag(flat), _polar(space_vh)))
+    u_u, s_u, vh_u = torch.linalg.svd(space_u, full_matrices=False)
+    _check_rank(s_u, hi, "the stacked common and task subspaces", space_u.shape, ctx, why=SHARED)
+    delta = torch.linalg.multi_dot((u_u @ vh_u, torch.diag(flat), _polar(space_vh)))
     return base + lambda_ * delta

@@ -324,3 +324,18 @@ def test_strict_stops_at_a_rank_deficient_tensor(tmp_path, tiny_models):
     # plan's LoRA warning alone stops --strict before any weight is read
     result = cli("run", path, "-o", tmp_path / "out", "--strict")
     assert result.exit_code == 2 and "LoRA adapter" in result.output, result.output
+
+
+def test_identical_models_are_flagged_as_sharing_directions():
+    from mergeng.methods.registry import MergeContext
+
+    base, (a, b) = task_models((20, 16), 2, seed=11)
+    for name in ("tsvm", "iso_cts"):
+        method = get_method(name)
+        params = {p.name: [p.default] * 2 if p.per_model else p.default for p in method.parameters.values()}
+        ctx = MergeContext("t", 0, 20, 20, 0, ("x", "y"))
+        method(base, [a, a.clone()], params, ctx)
+        assert any("share singular directions" in note for note in ctx.notes), name
+        ctx = MergeContext("t", 0, 20, 20, 0, ("x", "y"))
+        method(base, [a, b], params, ctx)
+        assert ctx.notes == [], name
