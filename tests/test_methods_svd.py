@@ -339,3 +339,29 @@ def test_identical_models_are_flagged_as_sharing_directions():
         ctx = MergeContext("t", 0, 20, 20, 0, ("x", "y"))
         method(base, [a, b], params, ctx)
         assert ctx.notes == [], name
+
+
+def test_calibrate_svc_on_ties_chunks_vectors_with_their_statistics_and_calibrates_matrices(tmp_path, tiny_models):
+    t = tiny_models
+    ties = f"""merge_method: ties
+base_model: {t['base']}
+models:
+  - model: {t['a']}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {t['b']}
+    parameters: {{weight: 0.7, density: 0.6}}
+dtype: float32
+"""
+    plain = load_tensors(merge(tmp_path, ties, name="plain"))
+    calibrated_recipe = ties.replace("dtype: float32", "parameters: {calibrate: svc, svc_alpha: 0.2}\ndtype: float32")
+    path = tmp_path / "c.yml"
+    path.write_text(calibrated_recipe)
+    chunked = {c["tensor"] for c in json.loads(cli("plan", path, "--format", "json", "--max-unit", "256").stdout)["chunked_tensors"]}
+    assert "model.norm.weight" in chunked  # a vector cut into row chunks, TIES' statistics passes first
+    calibrated = load_tensors(merge(tmp_path, calibrated_recipe, "--max-unit", "256", name="calibrated"))
+    inputs = {k: load_tensors(t[k]) for k in ("base", "a", "b")}
+    for name, value in calibrated.items():
+        if value.dim() == 1:
+            assert torch.equal(value, plain[name]), name  # calibration leaves vectors as the method made them
+        else:
+            close(value, svc_reference(inputs["base"][name], [inputs["a"][name], inputs["b"][name]], plain[name], 0.2))
