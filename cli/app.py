@@ -151,6 +151,10 @@ def plan(
             prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
                                strict=strict, truncate_vocab=truncate_vocab, hub=HubOptions(transformers_cache, stream),
                                dequantize=dequantize)
+        if not prepared.schedule.feasible and prepared.schedule.binding_whole:
+            from ..engine.schedule.scheduler import require_feasible
+
+            require_feasible(prepared.schedule)  # a tensor that needs a whole SVD cannot fit: one line, exit 2
         if fmt == "json":
             # plain JSON (rich's highlighter took 38 s on a 92k-tensor plan); a pipe or a terminal gets the same text
             print(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}, indent=2))

@@ -115,6 +115,8 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)
+    for note in profile.get("method_notes") or []:
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
     nonfinite = NonFinite.summary(profile.get("nonfinite"))
     if nonfinite:
         console.print(f"[yellow]warning:[/yellow] {nonfinite}", highlight=False, soft_wrap=True)

@@ -16,6 +16,7 @@ from ..engine.schedule.memory import format_size
 from ..engine.plan.hub_inputs import hub_inputs
 from ..engine.plan.output_config import config_changes
 from ..engine.execute.prepared import Prepared
+from ..engine.schedule.cost_model import needs_whole, whole_tensor_bytes
 from ..engine.schedule.scheduler import read_bytes
 from ..engine.builders.stages import computations, held_intermediates, leaf_sources
 from .lora_view import render_lora
@@ -34,6 +35,7 @@ def plan_summary(prepared: Prepared) -> dict:
         "tensors": len(plan.tasks),
         "shards": [{"file": sh.file_name, "bytes": sh.size, "tensors": len(sh.tensors)} for sh in prepared.layout.shards],
         "chunked_tensors": [{"tensor": n, "chunk_rows": r, "chunks": c} for n, r, c in s.chunked(plan.tasks)],
+        "whole_tensors": _whole_tensors(prepared),
         "method": plan.recipe.merge_method,
         "inputs": {label: str(src.path) for label, src in plan.sources.items()},
         "workers": s.workers,
@@ -51,6 +53,18 @@ def plan_summary(prepared: Prepared) -> dict:
         "quantized": [{"model": label, "format": src.quantization.name, "tensors": src.quantization.tensors}
                       for label, src in plan.sources.items() if getattr(src, "quantization", None) is not None],
     }
+
+
+def _whole_tensors(prepared: Prepared) -> list[dict]:
+    """Tensors whose method needs them whole (an SVD merge): one unit each, with its bytes and flops."""
+    out = []
+    for task in prepared.plan.tasks:
+        if needs_whole(task):
+            cost = task.method.whole_tensor_cost(task.output.shape, len(task.inputs))
+            out.append({"tensor": task.output.name, "method": task.method.name, "shape": list(task.output.shape),
+                        "unit_bytes": prepared.schedule.merge_bytes.get(task.output.name, 0),
+                        "workspace_bytes": whole_tensor_bytes(task), "flops": cost.flops})
+    return out
 
 
 def _hub_summary(prepared: Prepared) -> list[dict]:
@@ -84,8 +98,9 @@ def with_estimate(prepared: Prepared, summary: dict, timeline: bool = True) -> t
     from ..engine.schedule.timeline import measure_speeds, simulate
 
     first = next((f for src in leaf_sources(prepared.plan.sources).values() for f in src.files if f.exists()), None)
-    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first) if first else None), timeline)
-    return {**summary, "estimated_seconds": round(seconds, 2)}, points
+    speeds = measure_speeds(str(first) if first else None)
+    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, speeds, timeline)
+    return {**summary, "estimated_seconds": round(seconds, 2), "svd_flops_per_s": speeds.svd_flops_per_s}, points
 
 
 def render_text(prepared: Prepared, console: Console) -> None:
@@ -151,6 +166,13 @@ def render_text(prepared: Prepared, console: Console) -> None:
     chunked = summary["chunked_tensors"]
     if chunked:
         console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+    whole = summary["whole_tensors"]
+    if whole:
+        largest = max(whole, key=lambda w: w["unit_bytes"])
+        seconds = sum(w["flops"] for w in whole) / summary["svd_flops_per_s"]
+        console.print(f"{len(whole)} tensor(s) take a whole-tensor SVD ({largest['method']}), one unit each, never row-chunked; "
+                      f"the largest, {largest['tensor']} {largest['shape']}, needs {format_size(largest['unit_bytes'])} "
+                      f"(SVD workspace {format_size(largest['workspace_bytes'])}); SVD time ≈ {seconds:.0f} s", highlight=False)
     for model, a in plan.alignments.items():
         rules = ", ".join(f"'{src}*' → '{dst}*'" for src, dst in summarize(a).items())
         console.print(f"names of [bold]{model}[/bold] aligned to the output ({len(a)} tensors): {rules}")

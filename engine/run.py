@@ -341,7 +341,7 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
                           "inputs": {str(h.snapshot.ref): h.snapshot.identity for h in hub}}
     with output_errors(out_dir, exit_code=1):
         (out_dir / STATE_DIR / "profile.json").write_text(json.dumps(profile))
-        write_report(prepared.plan, out_dir / STATE_DIR / "report.json", figures.get("nonfinite"))
+        write_report(prepared.plan, out_dir / STATE_DIR / "report.json", figures.get("nonfinite"), figures.get("method_notes"))
     journal.close()
     return profile
 
@@ -362,14 +362,17 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
         nonfinite = executor.nonfinite.figures()
         if nonfinite["inputs"] or nonfinite["outputs"]:  # said even when --strict stopped the run
             write_report(prepared.plan, Path(writer.out_dir) / STATE_DIR / "report.json", nonfinite)
-    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite}
+    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite,
+            "method_notes": executor.method_notes}
 
 
-def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None) -> None:
+def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None, method_notes: list[str] | None = None) -> None:
     """Every output tensor (merged or copied, from which models) and every input tensor left out, with
-    why; a multi-stage recipe's stages; the non-finite values the run met."""
+    why; a multi-stage recipe's stages; the non-finite values the run met; what methods said about
+    the weights (`method_warnings`, e.g. rank-deficient task vectors under an SVD merge)."""
     report = {"inputs": input_identities(plan), "tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
-              "warnings": plan.warnings, "nonfinite": nonfinite or {"inputs": {}, "outputs": {}}}
+              "warnings": plan.warnings, "method_warnings": method_notes or [],
+              "nonfinite": nonfinite or {"inputs": {}, "outputs": {}}}
     if plan.stages:
         report["stages"] = plan.stages
     path.write_text(json.dumps(report, indent=1))

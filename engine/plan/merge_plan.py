@@ -24,6 +24,7 @@ from ..inputs.layer_blocks import LayerBlocks, packed_dim
 from ...architectures.layout import find_layer_stacks, language_stack, main_layers, parse_layer_name, prediction_layers
 from ...architectures.vocabulary import is_vocab_tensor
 from ...methods.registry import MergeMethod, get_method
+from ...methods.svc import with_svc_calibration
 from ..recipe.schema import RECIPE_DTYPES
 from ...errors import MergeError
 from ..inputs.lora import open_model
@@ -88,9 +89,37 @@ def resolve_params(method: MergeMethod, output_name: str, t: float, global_level
                     raise MergeError(f"recipe field 'parameters.{p.name}': required by method {method.name}")
                 v = p.default
             values[p.name] = coerce_parameter(p.name, v, p.type, "recipe field 'parameters'")
+            if p.type is tuple:
+                check_model_names(method.name, p.name, values[p.name], [m for m, _, _ in inputs], output_name)
     check_ranges(method.name, values, lambda i: (f"model '{inputs[i][0]}' (tensor '{output_name}')" if i is not None
                                                  else f"recipe field 'parameters' (tensor '{output_name}')"))
     return values
+
+
+def check_model_names(method: str, name: str, names: tuple[str, ...], models: list[str], tensor: str) -> None:
+    """A ModelNames parameter (e.g. CABS' pruning_order) lists each non-base model of the tensor once, or is empty."""
+    if not names:
+        return
+    where = f"recipe field 'parameters.{name}' (method {method}, tensor '{tensor}')"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MergeError(f"{where}: names model '{repeated[0]}' more than once")
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise MergeError(f"{where}: '{unknown[0]}' is not one of the models merged besides the base ({', '.join(models)})")
+    left_out = [m for m in models if m not in names]
+    if left_out:
+        raise MergeError(f"{where}: model '{left_out[0]}' is not listed; list every model besides the base, in the order wanted")
+
+
+def with_calibration(method: MergeMethod, parameters: Parameters) -> MergeMethod:
+    """The recipe's method, followed by a calibration when top-level `parameters.calibrate` asks for one (svc)."""
+    if "calibrate" not in parameters:
+        return method
+    value = parameters["calibrate"]
+    if value != "svc":
+        raise MergeError(f"recipe field 'parameters.calibrate': unknown calibration {value!r} (known: svc)")
+    return with_svc_calibration(method)
 
 
 def sibling_stacks(stack: str, stacks: dict[str, int]) -> list[str]:
@@ -108,7 +137,7 @@ class PlanBuilder:
     def __init__(self, recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: bool = False):
         self.recipe = recipe
         self.sources = sources
-        self.method = get_method(recipe.merge_method)
+        self.method = with_calibration(get_method(recipe.merge_method), recipe.parameters)
         self.truncate_vocab = truncate_vocab  # the user allows vocabularies of different sizes to be cut
         self.truncated: dict[str, str] = {}  # output name -> how its vocabulary rows were cut
         self.warnings: list[str] = []
@@ -426,6 +455,18 @@ class PlanBuilder:
                             "reason": self.truncated.get(out_name, "")})
 
 
+def lora_rank_warnings(method: MergeMethod, sources: dict[str, ModelSource], base_model: str | None) -> list[str]:
+    """An SVD merge of a base-plus-LoRA input: its task vectors may have the adapter's low rank (unstable)."""
+    if method.whole_tensor is None:
+        return []
+    lora = [label for label, src in sources.items() if label != base_model and getattr(src, "adapter", None) is not None]
+    if not lora:
+        return []
+    return [f"model '{lora[0]}'{f' (and {len(lora) - 1} more)' if len(lora) > 1 else ''} is a model plus a LoRA adapter: "
+            f"where the adapter applies its task vector may have the adapter's low rank, and {method.name} merges "
+            f"rank-deficient task vectors unstably (the run names each such tensor)"]
+
+
 def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: bool = False) -> MergePlan:
     """`truncate_vocab`: the user allows embeddings of different vocabulary sizes to be cut (see `_merged_shape`).
 
@@ -463,6 +504,7 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: 
         set_vision_layers(config, sliced, warnings)
     if builder.vocabulary is None:
         check_tokenizer_source(recipe, sources, donor, tasks)
+    warnings += lora_rank_warnings(builder.method, sources, recipe.base_model)
     if "auto_map" in config:
         warnings.append(f"model '{donor}' uses custom code (auto_map in config.json): its *.py files are copied "
                         f"to the output, and loading it needs trust_remote_code=True")
