@@ -362,8 +362,14 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
         nonfinite = executor.nonfinite.figures()
         if nonfinite["inputs"] or nonfinite["outputs"]:  # said even when --strict stopped the run
             write_report(prepared.plan, Path(writer.out_dir) / STATE_DIR / "report.json", nonfinite)
-    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite,
-            "method_notes": executor.method_notes}
+    figures = {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite,
+               "method_notes": executor.method_notes}
+    if prepared.schedule.model_passes:  # model-wide statistics: what this run computed, what the journal gave
+        figures["model_statistics"] = {"passes": prepared.schedule.model_passes,
+                                       "units_total": len(prepared.schedule.model_units()),
+                                       "units_run": executor.model_units_run,
+                                       "passes_reused": executor.model_passes_reused}
+    return figures
 
 
 def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None, method_notes: list[str] | None = None) -> None:

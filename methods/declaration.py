@@ -36,6 +36,19 @@ The engine then never row-chunks such a tensor; it costs the unit with that work
 (one line, naming the tensor) a budget it cannot fit. `ctx.warn(text)` lets a method say what
 the weights revealed (e.g. rank deficiency); the run prints it and keeps it in report.json.
 
+Model-wide statistics: a method whose result depends on reductions over the *whole model* per
+task (PCB's order statistics, Localize-and-Stitch's global top-k threshold) declares
+`model_statistics=ModelStatistics(passes=[pass1, ...], uniform=("density",))`. Before any
+tensor is merged the engine runs each pass over every row chunk of every tensor the method
+merges (pass k+1 only after pass k has seen the whole model). A pass is called like the method
+(same keyword arguments; `ctx.model_stats` holds the earlier passes' combined values) and must
+return *integer* partials only (histograms, counts: summed exactly over every chunk of every
+tensor, so the result does not depend on chunking, order or threads). Keys are the method's
+own; they name the model they count (`ctx.models`), since a model's statistics span tensors.
+The merge calls then find the combined values in `ctx.model_stats`. `uniform` names the global
+parameters the passes read: they must have one value over the whole merge (the engine refuses
+a recipe that varies them by tensor).
+
 Registration: `@merge_method` registers a function once, under a name no other method has;
 methods/registry.py imports every method module and then closes registration, so the table
 is complete and never changes afterwards (nothing is popped or re-registered). A method that
@@ -72,6 +85,8 @@ class MergeContext:
     seed: int = 0
     models: tuple[str, ...] = ()  # the recipe `model:` string of each entry of `tensors` (empty: unknown)
     notes: list[str] = field(default_factory=list, compare=False)  # what ctx.warn said (the engine reports it)
+    # the combined values of the model-wide statistics passes run so far (methods with model_statistics)
+    model_stats: Mapping[str, Tensor] = field(default_factory=dict, compare=False)
 
     def warn(self, message: str) -> None:
         """Say something the weights revealed (e.g. rank-deficient task vectors); the run reports it."""
@@ -88,6 +103,17 @@ class WholeTensorCost:
 
 
 NO_COST = WholeTensorCost(0, 0.0)
+
+
+@dataclass(frozen=True)
+class ModelStatistics:
+    """Passes over every tensor of the merge, run before any tensor is merged (see the module docstring)."""
+
+    passes: tuple[Callable[..., dict[str, Tensor]], ...]
+    uniform: tuple[str, ...] = ()  # global parameters the passes read: one value over the whole merge
+
+    def __post_init__(self):
+        object.__setattr__(self, "passes", tuple(self.passes))
 
 
 @dataclass(frozen=True)
@@ -117,6 +143,11 @@ class MergeMethod:
     description: str = ""
     whole_tensor: Callable[[tuple[int, ...]], bool] | None = None  # shapes the method needs all rows of at once
     workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None  # (shape, models) -> its cost
+    model_statistics: ModelStatistics | None = None  # passes over the whole model before any merge
+
+    @property
+    def model_passes(self) -> int:
+        return len(self.model_statistics.passes) if self.model_statistics else 0
 
     def needs_whole(self, shape: tuple[int, ...]) -> bool:
         """A tensor of this shape is computed in one unit (e.g. it takes an SVD), never row-chunked."""
@@ -163,6 +194,16 @@ class MergeMethod:
         kwargs["stats"] = stats
         return self.statistics[index](**kwargs)
 
+    def model_statistics_pass(self, index: int, base, tensors, params: dict[str, Any], ctx: MergeContext) -> dict[str, Tensor]:
+        """Model-wide pass `index` over one row chunk (`ctx.model_stats`: the earlier passes' combined values)."""
+        kwargs = self._arguments(base, tensors, params, ctx, {})
+        out = self.model_statistics.passes[index](**kwargs)
+        for key, value in out.items():
+            if value.is_floating_point():
+                raise TypeError(f"method {self.name}: model-wide statistics partial '{key}' is {value.dtype}; "
+                                "only integer partials (summed exactly) are allowed")
+        return out
+
 
 _REGISTERED: dict[str, MergeMethod] = {}
 _registration_closed = False
@@ -194,7 +235,8 @@ def _base_mode(hint: Any) -> str:
 def declare_method(name: str, function: Callable[..., Tensor], *, min_models: int = 1, max_models: int | None = None,
                    statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
                    whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
-                   workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None) -> MergeMethod:
+                   workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None,
+                   model_statistics: ModelStatistics | None = None) -> MergeMethod:
     """`function` as a MergeMethod named `name`, its schema read from its signature; registers nothing."""
     hints = typing.get_type_hints(function)
     sig = inspect.signature(function)
@@ -209,14 +251,15 @@ def declare_method(name: str, function: Callable[..., Tensor], *, min_models: in
         wants_ctx="ctx" in sig.parameters, argument_names={param.name: arg for arg, param in declared},
         description=doc.split("\n\n")[0].replace("\n", " "),
         whole_tensor=(lambda shape: True) if whole_tensor is True else (whole_tensor or None),
-        workspace=workspace,
+        workspace=workspace, model_statistics=model_statistics,
     )
 
 
 def merge_method(name: str, *, min_models: int = 1, max_models: int | None = None,
                  statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
                  whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
-                 workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None):
+                 workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None,
+                 model_statistics: ModelStatistics | None = None):
     """Register `function` under the recipe name `name`, its schema read from its signature.
 
     A name is registered once; registering after methods/registry.py closed the table (a method
@@ -229,7 +272,7 @@ def merge_method(name: str, *, min_models: int = 1, max_models: int | None = Non
             raise RuntimeError(f"merge method '{name}' is registered twice")
         _REGISTERED[name] = declare_method(name, function, min_models=min_models, max_models=max_models,
                                            statistics=statistics, scratch=scratch, whole_tensor=whole_tensor,
-                                           workspace=workspace)
+                                           workspace=workspace, model_statistics=model_statistics)
         return function
 
     return register

@@ -114,12 +114,15 @@ class RankSelection:
     """One selection problem: cuts at given ranks through the values of one tensor."""
 
     def __init__(self, name: str, descending: bool, per_row: bool = True, sums: bool = False,
-                 nonnegative: bool = False):
+                 nonnegative: bool = False, locate_first: bool = False):
         self.name = name
         self.descending = descending
         self.per_row = per_row
         self.sums = sums
         self.nonnegative = nonnegative
+        # a cut at rank 0 has nothing below it, so it is trivial (key NOTHING) unless the caller wants the
+        # first element's value (an order statistic at rank 0: `locate_first` runs the passes for it too)
+        self.locate_first = locate_first
 
     def _key(self, part: str) -> str:
         return f"{self.name}.{part}"
@@ -198,7 +201,7 @@ class RankSelection:
         n = int(h0.sum())
         paths: list[tuple[int, ...] | None] = []
         for t, r in enumerate(ranks):
-            if r <= 0 or r >= n:
+            if r < 0 or r >= n or (r == 0 and not self.locate_first):
                 paths.append(None)
                 continue
             b0, r0 = _locate(h0, r)

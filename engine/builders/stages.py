@@ -352,6 +352,10 @@ def plan_stages(stages: list[Stage], recipe_dir: Path | None, build, on_disk: di
             raise MergeError(f"{stage.label}: {e}", e.exit_code) from None
         stage_plans.append((stage, plan))
         if stage is not stages[-1] and not (on_disk and stage.name in on_disk):
+            wide = next((t.method.name for t in plan.tasks if t.method.model_statistics is not None), None)
+            if wide is not None:  # its rows are computed on read, chunk by chunk: no pass over the whole model first
+                raise MergeError(f"{stage.label}: merge_method {wide} gathers statistics over the whole model, so it can "
+                                 "only be the last stage, or a stage written to disk first (--intermediate-dir)")
             folder = header_folder(stage.name)
             write_output_files(plan, folder, stage.text, copy_tokenizer=True, write_model_card=False)
             made[stage.name] = StageSource(stage, plan, folder)

@@ -151,13 +151,35 @@ def refuse_unfetched_hub_inputs(prepared: Prepared) -> None:
                              "into an HF cache on such a filesystem (HF_HUB_CACHE), then run again")
 
 
+def model_wide_method(args: RecipeArgs) -> str | None:
+    """The recipe's method when it needs model-wide statistics (engine/plan/model_statistics.py), read from the
+    recipe file alone (every stage's `merge_method`)."""
+    import yaml
+
+    from ...methods.registry import REGISTRY
+
+    try:
+        documents = list(yaml.safe_load_all(Path(args.recipe).read_text()))
+    except (OSError, yaml.YAMLError):
+        return None  # prepare reports it
+    for doc in documents:
+        name = doc.get("merge_method") if isinstance(doc, dict) else None
+        method = REGISTRY.get(name) if isinstance(name, str) else None
+        if method is not None and method.model_statistics is not None:
+            return name
+    return None
+
+
 def plan_on_ray(recipe: str | Path, budget: int | None, shard_size: int, workers: int, max_unit_bytes: int, *,
                 address: str | None = None, out_dir: Path | None = None, **options) -> RayPlan:
     """The driver's plan, checked on every node, cut into partitions that fit the nodes' memory.
 
     `budget` (--ram) is each task's RSS ceiling; by default the largest node's memory resource."""
-    connect(address)
     args = RecipeArgs(str(Path(recipe).absolute()), os.getcwd(), budget, shard_size, workers, max_unit_bytes, options)
+    if model_wide_method(args):  # before joining a cluster: this merge cannot run there
+        raise MergeError(f"--executor ray: merge_method {model_wide_method(args)} gathers statistics over the whole model "
+                         "before any tensor is merged, which Ray's per-shard tasks do not share; run it without --executor ray")
+    connect(address)
     prepared = args.prepare()
     refuse_unfetched_hub_inputs(prepared)
     nodes = cluster_nodes()

@@ -19,6 +19,10 @@ Invariants:
   tensor's state as they arrive (engine/plan/statistics.py), and the state is dropped when the
   tensor's last unit has finished.
 - A chunk enters the journal only after its shard was fdatasync'd.
+- Model-wide statistics (engine/plan/model_statistics.py): their units come first in the
+  schedule; a unit of pass k waits for pass k − 1 to be complete, and every unit of a tensor
+  whose method reads them waits for the last pass. A finished pass goes to the journal (from the
+  main thread), and a resumed run loads it instead of running its units again.
 File I/O and torch kernels release the GIL, so a few threads overlap reads, compute and writes.
 """
 
@@ -31,7 +35,7 @@ import time
 import zlib
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -43,12 +47,20 @@ from ..plan.merge_plan import TensorTask
 from ..schedule.scheduler import RUNTIME_OVERHEAD, Schedule, WorkUnit
 from ..inputs.source import ComputedRows, aligned_stored_inputs, read_rows
 from ..plan.statistics import TensorStatistics
+from ..plan.model_statistics import ModelStatisticsState
 from .nonfinite import NonFinite
-from .tensor_rows import apply_method, read_inputs, statistics_partial
+from .tensor_rows import apply_method, model_statistics_partial, read_inputs, statistics_partial
 from ..output.writer import ShardWriter
 
 COMMIT_INTERVAL_S = 1.0
 PREFETCH_UNITS = 2  # read-ahead hint this many units ahead of the one starting
+
+
+class ModelPassDone(NamedTuple):
+    """A worker completed model-wide pass `pass_index`: the main thread records `values` in the journal."""
+
+    pass_index: int
+    values: dict
 
 
 class Admission:
@@ -163,6 +175,9 @@ class Executor:
         self.rss_waits = 0
         self._prefetch_fds: dict = {}
         self._statistics: dict[int, TensorStatistics] = {}  # chunked tensors whose units are running
+        self.model_state: ModelStatisticsState | None = None  # model-wide statistics (methods that declare them)
+        self.model_units_run = 0  # model-wide statistics units this run computed
+        self.model_passes_reused = 0  # model-wide passes loaded from the journal instead
 
     def run(self, finished: dict[tuple[str, int, int], int]) -> None:
         with intra_op_threads(self.schedule.workers):
@@ -170,13 +185,15 @@ class Executor:
 
     def _run(self, finished: dict[tuple[str, int, int], int]) -> None:
         covered = covered_ranges(finished)
-        units = [u for u in self.schedule.units if not self._skip(u, covered)]
+        units = [u for u in self.schedule.units if u.pass_index >= 0 and not self._skip(u, covered)]
+        units = self._model_units(units) + units
         self.units_run = len(units)
-        first: dict[int, int] = {}  # task -> index of its first unit in this run
-        span: dict[int, int] = defaultdict(int)  # task -> its units in this run
+        first: dict[int, int] = {}  # task -> index of its first unit in this run (model-wide units aside)
+        span: dict[int, int] = defaultdict(int)  # task -> its units in this run (model-wide units aside)
         for k, u in enumerate(units):
-            first.setdefault(u.task, k)
-            span[u.task] += 1
+            if u.pass_index >= 0:
+                first.setdefault(u.task, k)
+                span[u.task] += 1
         remaining = defaultdict(int)  # shard -> apply units still to write
         for u in units:
             if u.pass_index == len(self.tasks[u.task].method.statistics):
@@ -197,7 +214,7 @@ class Executor:
                 ticket, unit = item
                 if ticket + PREFETCH_UNITS < len(units):
                     self._prefetch(units[ticket + PREFETCH_UNITS])
-                state_bytes = s.state_bytes[unit.task] if first[unit.task] == ticket else 0
+                state_bytes = s.state_bytes[unit.task] if first.get(unit.task) == ticket else 0
                 if not admission.admit(ticket, unit.live_bytes + state_bytes, self.stopping):
                     return
                 if state_bytes:  # the tensor's statistics state: held until its last unit ends (_unit_ended)
@@ -210,7 +227,8 @@ class Executor:
                     self.stopping.set()
                 finally:
                     admission.release(unit.live_bytes)
-                    self._unit_ended(unit, ended, span, admission)
+                    if unit.pass_index >= 0:
+                        self._unit_ended(unit, ended, span, admission)
 
         threads = [threading.Thread(target=worker, name=f"merge-worker-{i}", daemon=True) for i in range(self.schedule.workers)]
         for t in threads:
@@ -231,7 +249,9 @@ class Executor:
                 if exc is not None:
                     error = error or exc
                     continue
-                if result is not None:  # an apply unit: (tensor, start, stop, crc, bytes)
+                if isinstance(result, ModelPassDone):  # kept, so a resumed run does not redo the pass
+                    self.journal.record_model_statistics(result.pass_index, result.values)
+                elif result is not None:  # an apply unit: (tensor, start, stop, crc, bytes)
                     pending.append(result[:4])
                     self.on_progress(result[4])
                 if pending and (time.monotonic() - last_commit > COMMIT_INTERVAL_S):
@@ -277,8 +297,56 @@ class Executor:
                 unit, result, exc = self.done.get_nowait()
             except queue.Empty:
                 return
-            if exc is None and result is not None:
+            if exc is None and isinstance(result, ModelPassDone):
+                self.journal.record_model_statistics(result.pass_index, result.values)
+            elif exc is None and result is not None:
                 pending.append(result[:4])
+
+    def _model_units(self, units: list[WorkUnit]) -> list[WorkUnit]:
+        """The model-wide statistics units this run needs: none when every tensor reading the values is
+        finished, none of a pass the journal holds (those values are loaded instead)."""
+        passes = self.schedule.model_passes
+        if not passes:
+            return []
+        if not any(self.tasks[u.task].method.model_statistics is not None for u in units):
+            return []
+        done = self.journal.model_statistics()
+        self.model_passes_reused = len(done)
+        model_units = [u for u in self.schedule.model_units() if (u.pass_index + passes) not in done]
+        per_pass = [0] * passes
+        for u in model_units:
+            per_pass[u.pass_index + passes] += 1
+        self.model_state = ModelStatisticsState(per_pass, done)
+        self.model_units_run = len(model_units)
+        return model_units
+
+    def _model_values(self, task: TensorTask) -> dict | None:
+        """The model-wide statistics for a unit of `task`, once every pass is complete (None: it reads none)."""
+        if task.method.model_statistics is None or self.model_state is None:
+            return None
+        last = self.model_state.pass_done[-1]
+        while not last.wait(0.1):
+            if self.stopping.is_set():
+                return None
+        return self.model_state.stats
+
+    def _run_model_unit(self, unit: WorkUnit, admission: Admission):
+        """One model-wide statistics unit: wait for the previous pass, fold this chunk's integer partials."""
+        task, state = self.tasks[unit.task], self.model_state
+        index = unit.pass_index + self.schedule.model_passes
+        if index > 0:
+            while not state.pass_done[index - 1].wait(0.1):
+                if self.stopping.is_set():
+                    admission.loaded(unit.live_bytes)
+                    return None
+        try:
+            base, inputs = read_inputs(task, unit.row_start, unit.row_stop)
+        finally:
+            admission.loaded(unit.live_bytes)
+        partial = model_statistics_partial(task, index, base, inputs, unit.row_start, unit.row_stop, self.seed, state.stats)
+        del base, inputs
+        finished = state.fold(index, partial)
+        return None if finished is None else ModelPassDone(index, finished)
 
     def _skip(self, unit: WorkUnit, covered: dict[str, list[tuple[int, int]]]) -> bool:
         """Apply units whose rows are recorded; statistics units of tensors that are wholly recorded."""
@@ -313,7 +381,13 @@ class Executor:
             return state
 
     def _run_unit(self, unit: WorkUnit, admission: Admission):
+        if unit.pass_index < 0:
+            return self._run_model_unit(unit, admission)
         task = self.tasks[unit.task]
+        model_stats = self._model_values(task)
+        if model_stats is None and task.method.model_statistics is not None and self.stopping.is_set():
+            admission.loaded(unit.live_bytes)
+            return None
         whole = unit.row_start == 0 and unit.row_stop == task.output.rows  # statistics run inline
         is_apply = unit.pass_index == len(task.method.statistics)
         state = None if whole or not task.method.statistics else self._tensor_statistics(unit)
@@ -334,12 +408,12 @@ class Executor:
             if not is_apply:
                 state.fold(unit.pass_index, unit.row_start,
                            statistics_partial(task, unit.pass_index, base, inputs, unit.row_start, unit.row_stop,
-                                              self.seed, state.stats))
+                                              self.seed, state.stats, model_stats))
                 return None
             self.nonfinite.check_inputs(task, base, inputs, unit.row_start)
             said = len(self.method_notes)
             out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
-                               None if state is None else state.stats, self.method_notes)
+                               None if state is None else state.stats, self.method_notes, model_stats)
             if self.nonfinite.strict and len(self.method_notes) > said:
                 raise MergeError(f"{self.method_notes[said]}; --strict stops here (what was written is kept)", exit_code=1)
             del base, inputs

@@ -12,6 +12,8 @@ Invariants:
   method then computes them inline); either way the bytes do not depend on the chunking
   (engine/plan/statistics.py).
 - The result is cast to the task's output dtype here and nowhere else.
+- A method with model-wide statistics gets their combined values in `ctx.model_stats` (the
+  executor's ModelStatisticsState, engine/plan/model_statistics.py) on every call.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ def read_inputs(task: TensorTask, start: int, stop: int) -> tuple[torch.Tensor |
     return base, [read_rows(info, start, stop, COMPUTE_DTYPE) for info in task.inputs]
 
 
-def context(task: TensorTask, start: int, stop: int, seed: int) -> MergeContext:
-    return MergeContext(task.output.name, start, stop, task.output.rows, seed, task.input_models)
+def context(task: TensorTask, start: int, stop: int, seed: int, model_stats: dict | None = None) -> MergeContext:
+    return MergeContext(task.output.name, start, stop, task.output.rows, seed, task.input_models,
+                        model_stats=model_stats if model_stats is not None else {})
 
 
 def apply_method(task: TensorTask, base, inputs, start: int, stop: int, seed: int, stats: dict | None,
-                 notes: list[str] | None = None) -> torch.Tensor:
+                 notes: list[str] | None = None, model_stats: dict | None = None) -> torch.Tensor:
     """The method over rows [start, stop), cast to the output dtype; what the method said (ctx.warn) goes to `notes`."""
-    ctx = context(task, start, stop, seed)
+    ctx = context(task, start, stop, seed, model_stats)
     out = task.method(base, inputs, task.params, ctx, stats)
     if notes is not None:
         notes.extend(n for n in ctx.notes if n not in notes)
@@ -50,8 +53,16 @@ def apply_method(task: TensorTask, base, inputs, start: int, stop: int, seed: in
 
 
 def statistics_partial(task: TensorTask, pass_index: int, base, inputs, start: int, stop: int, seed: int,
-                       stats: dict) -> dict:
-    return task.method.statistics_pass(pass_index, base, inputs, task.params, context(task, start, stop, seed), stats)
+                       stats: dict, model_stats: dict | None = None) -> dict:
+    return task.method.statistics_pass(pass_index, base, inputs, task.params, context(task, start, stop, seed, model_stats),
+                                       stats)
+
+
+def model_statistics_partial(task: TensorTask, pass_index: int, base, inputs, start: int, stop: int, seed: int,
+                             model_stats: dict) -> dict:
+    """Model-wide pass `pass_index` (from 0) over rows [start, stop) of `task`: integer partials."""
+    return task.method.model_statistics_pass(pass_index, base, inputs, task.params,
+                                             context(task, start, stop, seed, model_stats))
 
 
 def merged_rows(task: TensorTask, start: int, stop: int, seed: int, stats: dict | None) -> torch.Tensor:

@@ -8,18 +8,26 @@
                                         output layout (see run.fingerprint)
     chunks(tensor, row_start, row_stop, crc32)
                                         one row per finished row range of an output tensor
+    model_stats(pass, data)             the combined values of each finished model-wide statistics
+                                        pass (engine/plan/model_statistics.py; torch.save of a dict
+                                        of integer tensors), so a resumed run does not redo the pass
 
 A chunk is recorded only after its bytes were pwritten and the shard fdatasync'd, so every
 recorded chunk is on disk whatever happens next (kill -9, power loss). A resumed run skips
 recorded chunks and recomputes the rest; because every chunk's bytes depend only on the
-recipe, inputs and seed, the result is byte-identical to an uninterrupted run.
+recipe, inputs and seed, the result is byte-identical to an uninterrupted run. Model-wide
+statistics are values of the inputs alone, so reusing them is safe exactly when the chunks are:
+a fresh run (and a changed input, which the fingerprint refuses or --fresh restarts) forgets them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 from pathlib import Path
+
+import torch
 
 from .space import disk_full, is_disk_full
 
@@ -52,6 +60,7 @@ class Journal:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS chunks (tensor TEXT, row_start INTEGER, row_stop INTEGER, crc32 INTEGER, PRIMARY KEY (tensor, row_start, row_stop))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS model_stats (pass INTEGER PRIMARY KEY, data BLOB)")
         self.db.commit()
 
     def fingerprint(self) -> dict | None:
@@ -62,6 +71,7 @@ class Journal:
         """A fresh run: forget every chunk, record the fingerprint."""
         with self.db:
             self.db.execute("DELETE FROM chunks")
+            self.db.execute("DELETE FROM model_stats")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint, sort_keys=True),))
 
     def finished_chunks(self) -> dict[tuple[str, int, int], int]:
@@ -76,6 +86,25 @@ class Journal:
         try:
             with self.db:
                 self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)", chunks)
+        except (sqlite3.OperationalError, OSError) as e:
+            if is_disk_full(e):
+                raise disk_full(self.dir) from None
+            raise
+
+    def model_statistics(self) -> dict[int, dict[str, torch.Tensor]]:
+        """The model-wide statistics passes an earlier run finished, by pass."""
+        out = {}
+        for p, data in self.db.execute("SELECT pass, data FROM model_stats ORDER BY pass"):
+            out[int(p)] = torch.load(io.BytesIO(data), weights_only=True)
+        return out
+
+    def record_model_statistics(self, pass_index: int, values: dict[str, torch.Tensor]) -> None:
+        """Keep one finished model-wide pass's combined values."""
+        buffer = io.BytesIO()
+        torch.save(values, buffer)
+        try:
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO model_stats VALUES (?, ?)", (pass_index, buffer.getvalue()))
         except (sqlite3.OperationalError, OSError) as e:
             if is_disk_full(e):
                 raise disk_full(self.dir) from None

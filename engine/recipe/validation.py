@@ -210,6 +210,8 @@ RANGES = (
     Range(("breadcrumbs", "breadcrumbs_ties"), "gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
     Range(("della", "della_linear"), "epsilon", lambda v: v >= 0, "at least 0"),
     Range(("ram", "ramplus_tl"), "epsilon", lambda v: v >= 0, "at least 0"),
+    # PCB keeps the top density of its scores, Localize-and-Stitch the top density of |τ| (k = int(density·P))
+    Range(("pcb", "localize_stitch"), "density", lambda v: 0 < v <= 1, "in (0, 1]"),
     Range(("sce",), "select_topk", lambda v: 0 < v <= 1, "in (0, 1]"),
     Range(("multislerp",), "eps", lambda v: v >= 0, "at least 0"),
     Range(("karcher",), "tol", lambda v: v >= 0, "at least 0"),

@@ -16,6 +16,12 @@
       + what its computed inputs hold between reads (held_bytes: a multi-stage
         intermediate's whole-tensor statistics)
 
+    model-wide statistics (a method with `model_statistics`: PCB, Localize-and-Stitch)
+      = a phase of units before any merge, one per pass and row chunk of every merged tensor:
+        rows × per-row inputs + the pass's integer partial (histograms: fixed size)
+      + the combined values, held for the whole run (ModelFootprint.state), measured as the
+        per-tensor statistics are, by running the passes on two random rows
+
     a computed input (a multi-stage intermediate, engine/builders/stages.py) costs, per row read, the
     unit cost of the stage tensor that makes it (recursively) plus its result rows
 
@@ -159,6 +165,62 @@ def _sizes(values) -> tuple[int, int]:
         else:
             fixed += nbytes
     return per_row, fixed
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Bytes of a merge's model-wide statistics: the largest partial of a pass, and the combined values held all run."""
+
+    partial: int = 0
+    state: int = 0
+
+
+NO_MODEL_STATISTICS = ModelFootprint()
+_model_footprints: dict[tuple, ModelFootprint] = {}
+
+
+def model_statistics_footprint(task: TensorTask) -> ModelFootprint:
+    """What `task`'s model-wide passes hold, measured by running them on PROBE_ROWS random rows (per model, fixed)."""
+    method = task.method
+    if method.model_statistics is None or not task.output.shape:
+        return NO_MODEL_STATISTICS
+    tail = tuple(task.output.shape[1:])
+    params = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in task.params.items()))
+    key = (method.name, tail, task.input_models, task.base is not None, params)
+    if key not in _model_footprints:
+        _model_footprints[key] = _probe_model(task, tail)
+    return _model_footprints[key]
+
+
+def _probe_model(task: TensorTask, tail: tuple[int, ...]) -> ModelFootprint:
+    gen = torch.Generator().manual_seed(0)
+    shape = (PROBE_ROWS,) + tail
+    base = torch.randn(shape, generator=gen) if task.base is not None else None
+    inputs = [torch.randn(shape, generator=gen) for _ in task.inputs]
+    stats: dict = {}
+    largest = 0
+    for index in range(task.method.model_passes):
+        ctx = MergeContext(task.output.name, 0, PROBE_ROWS, PROBE_ROWS, 0, task.input_models, model_stats=stats)
+        partial = task.method.model_statistics_pass(index, base, inputs, task.params, ctx)
+        largest = max(largest, sum(v.numel() * v.element_size() for v in partial.values()))
+        stats = {**stats, **partial}
+    return ModelFootprint(largest, sum(v.numel() * v.element_size() for v in stats.values()))
+
+
+def model_state_bytes(tasks: list[TensorTask]) -> int:
+    """The combined model-wide statistics of a merge: per model, what one tensor's probe holds for it."""
+    per_key: dict[tuple, int] = {}
+    for task in tasks:
+        if task.method.model_statistics is not None and task.output.shape:
+            for model in task.input_models:  # a model's values do not grow with the tensors it spans
+                share = model_statistics_footprint(task).state // max(len(task.input_models), 1)
+                per_key[model] = max(per_key.get(model, 0), share)
+    return sum(per_key.values())
+
+
+def model_unit_bytes(task: TensorTask, rows: int) -> int:
+    """Live bytes of one model-wide statistics unit over `rows` rows of `task`."""
+    return rows * row_cost(task, False) + fixed_cost(task) + model_statistics_footprint(task).partial
 
 
 def unit_bytes(task: TensorTask, footprint: StatisticsFootprint, pass_index: int, rows: int, inline_statistics: bool) -> int:

@@ -7,6 +7,11 @@ The graph (engine/plan/merge_plan.py makes its tasks, this module its units, eng
     stage s[k:n] ───┘     (each pass of t waits for the whole previous pass)
       ▲ computed on read from read x[k:n], read y[k:n] (engine/builders/stages.py), never stored
 
+Model-wide statistics (a method that declares `model_statistics`, engine/plan/model_statistics.py)
+come first: pass by pass, a unit per row chunk of every merged tensor (same chunks and order as
+its merge), with negative pass indices (−passes..−1); their combined values are held for the
+whole run (`model_state_bytes`, taken from the work budget), and every later unit reads them.
+
 What the order optimises, highest priority first (each rule is a line of `make_schedule`):
 1. Never cross the budget. A unit's bytes come from the one cost model; a tensor is cut into
    equal row chunks when its unit would not fit a worker's share of the work budget (or the
@@ -54,11 +59,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .cost_model import (RESERVE_BYTES, RUNTIME_OVERHEAD, fixed_cost, held_bytes, needs_whole, row_cost, statistics_footprint,
-                         unit_bytes)
+from .cost_model import (RESERVE_BYTES, RUNTIME_OVERHEAD, fixed_cost, held_bytes, model_state_bytes, model_unit_bytes,
+                         needs_whole, row_cost, statistics_footprint, unit_bytes)
 from ...errors import MergeError
 from .memory import format_size, heap_slack
 from ..plan.merge_plan import TensorTask
+from ..plan.model_statistics import check_model_wide, model_passes, model_wide_tasks
 from ..inputs.source import ComputedRows, disk_row_bytes, stored_origin
 
 # one unit's working set; its buffers then stay under memory.HEAP_BUFFER_LIMIT and are reused
@@ -68,7 +74,7 @@ MAX_UNIT_BYTES = 64 << 20
 class WorkUnit(NamedTuple):  # a tuple: a 671B plan makes a million of them (a frozen dataclass: 3x slower to make)
     task: int  # index into the plan's tasks
     pass_index: int  # 0..len(statistics)-1: statistics passes; len(statistics): apply (with inline
-    # statistics when the unit holds every row of its tensor)
+    # statistics when the unit holds every row of its tensor); −passes..−1: model-wide statistics passes
     row_start: int
     row_stop: int
     live_bytes: int
@@ -91,10 +97,21 @@ class Schedule:
     state_bytes: list[int]  # per task: statistics held between its passes (0: none)
     binding: str | None = None  # the tensor whose smallest unit sets min_budget
     binding_whole: bool = False  # ... and its method needs it whole (an SVD merge), so it cannot be chunked
+    model_passes: int = 0  # model-wide statistics passes run before any merge (0: none)
+    model_state_bytes: int = 0  # their combined values, held for the whole run
 
     @property
     def work_budget(self) -> int:
-        return self.budget - self.baseline - RESERVE_BYTES
+        return self.budget - self.baseline - RESERVE_BYTES - self.model_state_bytes
+
+    def model_units(self) -> list[WorkUnit]:
+        """The model-wide statistics phase: the units with negative pass indices (they come first)."""
+        out = []
+        for u in self.units:
+            if u.pass_index >= 0:
+                break
+            out.append(u)
+        return out
 
     @property
     def feasible(self) -> bool:
@@ -112,15 +129,17 @@ class Schedule:
 def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: int = 2,
                   max_unit_bytes: int = MAX_UNIT_BYTES, hold_intermediates: bool = True) -> Schedule:
     """`hold_intermediates=False`: every read of a multi-stage intermediate recomputes it (tests)."""
-    work_budget = budget - baseline - RESERVE_BYTES
+    check_model_wide(tasks)
+    passes, model_state = model_passes(tasks), model_state_bytes(tasks)
+    work_budget = budget - baseline - RESERVE_BYTES - model_state
     footprints = [statistics_footprint(t) for t in tasks]
     needs = [_smallest_need(t, f) for t, f in zip(tasks, footprints)]
     binding = max(range(len(tasks)), key=needs.__getitem__, default=None)
-    min_budget = baseline + RESERVE_BYTES + (needs[binding] if binding is not None else 0)
+    min_budget = baseline + RESERVE_BYTES + model_state + (needs[binding] if binding is not None else 0)
     named = (tasks[binding].output.name, needs_whole(tasks[binding])) if binding is not None else (None, False)
     if budget < min_budget:  # nothing can run; the plan reports the smallest budget that works
         return Schedule([], [t.output.rows for t in tasks], budget, baseline, workers, min_budget, min_budget, {}, [0] * len(tasks),
-                        *named)
+                        *named, passes, model_state)
     order = sorted(range(len(tasks)), key=lambda i: read_position(tasks[i]))  # rule 3: read forward
     units: list[WorkUnit] = []
     chunk_rows: list[int] = [0] * len(tasks)
@@ -145,8 +164,25 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
                 if size is None:
                     size = sizes[p, stop - start] = unit_bytes(task, footprint, p, stop - start, inline)
                 units.append(WorkUnit(i, p, start, stop, size))
-    peak = predicted_peak(units, state_bytes, workers, work_budget, baseline)
-    return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes, state_bytes, *named)
+    units = _model_units(tasks, order, chunk_rows, passes) + units
+    peak = predicted_peak(units, state_bytes, workers, work_budget, baseline) + model_state
+    return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes, state_bytes, *named,
+                    passes, model_state)
+
+
+def _model_units(tasks: list[TensorTask], order: list[int], chunk_rows: list[int], passes: int) -> list[WorkUnit]:
+    """The model-wide statistics phase: pass by pass, every merged tensor's row chunks in read order."""
+    wide = set(model_wide_tasks(tasks))
+    out: list[WorkUnit] = []
+    for p in range(passes):
+        for i in order:
+            if i not in wide:
+                continue
+            rows, chunk = tasks[i].output.rows, chunk_rows[i]
+            for start in range(0, rows, chunk):
+                stop = min(rows, start + chunk)
+                out.append(WorkUnit(i, p - passes, start, stop, model_unit_bytes(tasks[i], stop - start)))
+    return out
 
 
 def predicted_peak(units: list[WorkUnit], state_bytes: list[int], workers: int, work_budget: int, baseline: int) -> int:
@@ -213,16 +249,17 @@ def _smallest_need(task: TensorTask, footprint) -> int:
 
 
 def statistics_passes(task: TensorTask, chunk_rows: int) -> int:
-    """Separate statistics passes a tensor needs: none when one chunk holds all its rows."""
-    return len(task.method.statistics) if chunk_rows < task.output.rows else 0
+    """Separate statistics passes a tensor needs: none when one chunk holds all its rows; plus its
+    model-wide passes (each reads it once more)."""
+    return (len(task.method.statistics) if chunk_rows < task.output.rows else 0) + task.method.model_passes
 
 
 def read_bytes(tasks: list[TensorTask], chunk_rows: list[int]) -> int:
     """Exact bytes a run reads: every input's rows, once per pass (statistics passes re-read)."""
     total = 0
     for task, chunk in zip(tasks, chunk_rows):
-        passes = statistics_passes(task, chunk) + 1
-        total += passes * sum(disk_row_bytes(info) * task.output.rows for _, info in task.all_inputs)
+        reads = statistics_passes(task, chunk) + 1
+        total += reads * sum(disk_row_bytes(info) * task.output.rows for _, info in task.all_inputs)
     return total
 
 
@@ -259,6 +296,12 @@ def _peak_live(units: list[WorkUnit], state_bytes: list[int], workers: int, work
     best = int(total.max())
     largest = int((live + state).max())
     return min(best, max(work_budget, largest))
+
+
+def model_read_bytes(tasks: list[TensorTask]) -> int:
+    """Bytes the model-wide statistics phase reads: every input of every merged tensor, once per pass."""
+    return sum(t.method.model_passes * sum(disk_row_bytes(info) * t.output.rows for _, info in t.all_inputs)
+               for t in tasks if t.method.model_statistics is not None)
 
 
 def require_feasible(schedule: Schedule) -> None:
