@@ -53,6 +53,9 @@ def render_markdown() -> str:
         lines += [f"## `{m.name}`", "", doc, "",
                   f"- base model: **{m.base}**", f"- models besides the base: {_models(m)}",
                   f"- whole-tensor statistics passes: {len(m.statistics)}"]
+        if m.model_statistics is not None:
+            lines.append(f"- model-wide statistics passes: {m.model_passes}, over every merged tensor before any merge "
+                         "(exact, whatever `--ram` and chunking; kept in the journal for a resumed run; not on `--executor ray`)")
         if m.whole_tensor is not None:
             lines.append("- needs 2-D tensors whole (an SVD): one unit each, never row-chunked; its workspace counts against `--ram`")
         lines.append("")

@@ -17,7 +17,7 @@ from ..engine.plan.hub_inputs import hub_inputs
 from ..engine.plan.output_config import config_changes
 from ..engine.execute.prepared import Prepared
 from ..engine.schedule.cost_model import needs_whole, whole_tensor_bytes
-from ..engine.schedule.scheduler import read_bytes
+from ..engine.schedule.scheduler import model_read_bytes, read_bytes
 from ..engine.builders.stages import computations, held_intermediates, leaf_sources
 from .lora_view import render_lora
 
@@ -36,6 +36,7 @@ def plan_summary(prepared: Prepared) -> dict:
         "shards": [{"file": sh.file_name, "bytes": sh.size, "tensors": len(sh.tensors)} for sh in prepared.layout.shards],
         "chunked_tensors": [{"tensor": n, "chunk_rows": r, "chunks": c} for n, r, c in s.chunked(plan.tasks)],
         "whole_tensors": _whole_tensors(prepared),
+        "model_statistics": _model_statistics(prepared),
         "method": plan.recipe.merge_method,
         "inputs": {label: str(src.path) for label, src in plan.sources.items()},
         "workers": s.workers,
@@ -65,6 +66,18 @@ def _whole_tensors(prepared: Prepared) -> list[dict]:
                         "unit_bytes": prepared.schedule.merge_bytes.get(task.output.name, 0),
                         "workspace_bytes": whole_tensor_bytes(task), "flops": cost.flops})
     return out
+
+
+def _model_statistics(prepared: Prepared) -> dict | None:
+    """The model-wide statistics phase (pcb, localize_stitch): passes over every tensor before any merge."""
+    s, tasks = prepared.schedule, prepared.plan.tasks
+    if not s.model_passes:
+        return None
+    units = s.model_units()
+    return {"method": next(t.method.name for t in tasks if t.method.model_statistics is not None),
+            "passes": s.model_passes, "units": len(units), "tensors": len({u.task for u in units}),
+            "read_bytes": model_read_bytes(tasks), "state_bytes": s.model_state_bytes,
+            "largest_unit_bytes": max((u.live_bytes for u in units), default=0)}
 
 
 def _hub_summary(prepared: Prepared) -> list[dict]:
@@ -166,6 +179,12 @@ def render_text(prepared: Prepared, console: Console) -> None:
     chunked = summary["chunked_tensors"]
     if chunked:
         console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+    wide = summary["model_statistics"]
+    if wide:
+        console.print(f"model-wide statistics first ({wide['method']}): {wide['passes']} passes over every merged tensor "
+                      f"({wide['tensors']} tensors, {wide['units']} units) before any merge, reading "
+                      f"{format_size(wide['read_bytes'])} (in the read total); their values hold "
+                      f"{format_size(wide['state_bytes'])} for the whole run and are kept in the journal", highlight=False)
     whole = summary["whole_tensors"]
     if whole:
         largest = max(whole, key=lambda w: w["unit_bytes"])

@@ -31,6 +31,8 @@ k = 0 keeps nothing. The paper has no λ (λ = 1).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..errors import MergeError
@@ -68,9 +70,21 @@ def _need(ctx: MergeContext, key: str, method: str) -> None:
                          f"{method} merges whole models, so it cannot run inside another stage's computed tensor")
 
 
+_VALUES: dict = {}  # `_values`' memo: every chunk asks again with the same combined histograms
+
+
 def _values(selection: RankSelection, stats, ranks: list[int]) -> list[Tensor]:
     """The values at `ranks` (the very ranks the passes ran with: pass 1 and 2 hold one histogram per rank)."""
-    return [torch.tensor(cut.value(selection.descending), dtype=torch.float32) for cut in selection.cuts(stats, ranks)]
+    last = stats[f"{selection.name}.h2"]
+    key = (id(last), selection.name, tuple(ranks))
+    hit = _VALUES.get(key)
+    if hit is not None and hit[0]() is last:
+        return hit[1]
+    values = [torch.tensor(cut.value(selection.descending), dtype=torch.float32) for cut in selection.cuts(stats, ranks)]
+    if len(_VALUES) >= 1024:
+        _VALUES.pop(next(iter(_VALUES)), None)
+    _VALUES[key] = (weakref.ref(last), values)
+    return values
 
 
 def _lanewise(fn, x: Tensor) -> Tensor:
@@ -181,7 +195,19 @@ def _pcb_model_pass(index: int):
               scratch=8)
 def pcb(base: Tensor, tensors: list[Tensor], weight: list[float] = 1.0, density: float = 0.1, lambda_: float = 1.0,
         *, ctx: MergeContext) -> Tensor:
-    """PCB merging: task vectors scored by intra-balancing exp(N·‖τ‖²) and inter-balancing tanh(τ_i·Σ τ_j), model-wide."""
+    """PCB merging: task vectors scored by intra-balancing exp(N·‖τ‖²) and inter-balancing tanh(τ_i·Σ τ_j), model-wide.
+
+    Paper: Du et al., *Parameter Competition Balancing for Model Merging*, NeurIPS 2024, arXiv 2410.02396;
+    the arithmetic of the authors' `PCB_merge` (duguodong7/pcb-merging), statistics over the whole model
+    per task. Formula: `base + λ·Σ_i c_i·w_i·T̃_i / max(Σ_i c_i, 1e-12)`, T̃_i = τ_i with |τ_i| clamped to
+    its model-wide 0.01 % / 99.99 % order statistics, c_i = min-max-normalised
+    `exp(N·minmax(|T̃_i|)²)·tanh(τ_i·Σ_j τ_j)` with everything below its model-wide (1 − density)
+    order statistic set to 0. `density` is the fraction of scores kept (`pcb_ratio`; mergekit PR #432's
+    name), `weight` the per-task scale on the clamped vectors (the authors' `lams`; a top-level `weight`,
+    as PR #432 writes it, applies to every model), `lambda` the global scale (the authors' `lam`).
+    Where the reference divides 0 by 0 (a task whose |τ| are all equal), the normalised value is 0.
+    mergekit PR #432 differs (per tensor, softmax scores, a divisor summed over every task and element);
+    this is not it."""
     shape = base.shape
     job = _Pcb(base, tensors, ctx, density, scores=True)
     out = torch.empty_like(job.base)
@@ -232,7 +258,15 @@ def _ls_model_pass(index: int):
                                                                   uniform=("density",)), scratch=4)
 def localize_stitch(base: Tensor, tensors: list[Tensor], density: float = 0.1, lambda_: float = 1.0,
                     *, ctx: MergeContext) -> Tensor:
-    """Localize-and-Stitch (dataless): keep each task's top-density |τ| over the whole model, average where masks overlap."""
+    """Localize-and-Stitch (dataless): keep each task's top-density |τ| over the whole model, average where masks overlap.
+
+    Paper: He et al., *Localize-and-Stitch: Efficient Model Merging via Sparse Task Arithmetic*,
+    arXiv 2408.13656; the dataless localizer of the authors' code (`Localizer.create_basepatch`,
+    `Stitcher`). Formula: `base + λ·Σ_i (m_i / Σ_j m_j)·τ_i` (0 where no mask holds), m_i = |τ_i| > t_i,
+    t_i the k-th largest |τ_i| over every merged tensor of the model, k = ⌊density·P_i⌋ (strict `>`, as
+    the authors' code; k = 0 keeps nothing). `density` is the paper's sparsity (5e-2 in its language
+    experiments); `lambda` (1.0: the paper has none) scales the stitched vector. Which parameters
+    count is the recipe's choice (`include`/`exclude`; the paper leaves out embeddings)."""
     shape = base.shape
     base_rows, rows = _deltas(base, tensors)
     thresholds = []

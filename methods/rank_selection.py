@@ -32,6 +32,7 @@ the cut) is exact up to float64 rounding (L1 rescaling needs the kept mass). Wit
 from __future__ import annotations
 
 import struct
+import weakref
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -48,6 +49,9 @@ _BINS = 1 << 14
 _LOW_BINS = 16
 NOTHING = -1  # cut key when no element is below (rank <= 0)
 EVERYTHING = 1 << 32  # cut key when every element is below (rank >= n)
+
+_PATHS: dict = {}  # RankSelection._paths' memo: (histogram ids, ranks, depth) -> (weak refs, paths)
+_PATHS_KEPT = 256
 
 # Keys are held as int32: the unsigned key minus 2^31, so that int32 order is key order.
 _SIGN = 1 << 31
@@ -196,8 +200,23 @@ class RankSelection:
         return out
 
     def _paths(self, stats: dict, ranks: list[int], depth: int) -> list[tuple[int, ...] | None]:
-        """Per cut, the bins found so far and the rank left inside the last one (None: a trivial cut)."""
+        """Per cut, the bins found so far and the rank left inside the last one (None: a trivial cut).
+
+        Every chunk of a pass asks again with the same combined histograms: the answer is memoised on
+        the histograms' identity (weak references, so a freed histogram is never mistaken for a new one)."""
         h0 = stats[self._key("h0")]
+        h1 = stats.get(self._key("h1")) if depth == 2 else None
+        key = (id(h0), id(h1), tuple(ranks), depth, self.locate_first)
+        hit = _PATHS.get(key)
+        if hit is not None and hit[0]() is h0 and (h1 is None or hit[1]() is h1):
+            return hit[2]
+        paths = self._find_paths(stats, h0, ranks, depth)
+        if len(_PATHS) >= _PATHS_KEPT:
+            _PATHS.pop(next(iter(_PATHS)), None)
+        _PATHS[key] = (weakref.ref(h0), weakref.ref(h1) if h1 is not None else None, paths)
+        return paths
+
+    def _find_paths(self, stats: dict, h0: Tensor, ranks: list[int], depth: int) -> list[tuple[int, ...] | None]:
         n = int(h0.sum())
         paths: list[tuple[int, ...] | None] = []
         for t, r in enumerate(ranks):

@@ -77,6 +77,8 @@ VARIANTS = [  # further modes with their own statistics
 ]
 # methods that need 2-D tensors whole (SVD merges: never row-chunked; tests/test_methods_svd.py)
 WHOLE_TENSOR = {"tsvm", "iso_c", "iso_cts", "svc"}
+# methods whose statistics span the whole model (tests/test_methods_model_wide.py)
+MODEL_WIDE = {"pcb", "localize_stitch"}
 RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
 SHAPES = [(7, 5), (11,), (5, 3, 2)]
 
@@ -92,7 +94,8 @@ def inputs(name: str, shape: tuple[int, ...], seed: int = 0):
 
 
 def test_every_registered_method_has_a_chunking_case():
-    assert set(all_methods()) == set(CASES) | WHOLE_TENSOR
+    assert set(all_methods()) == set(CASES) | WHOLE_TENSOR | MODEL_WIDE
+    assert all(get_method(name).model_statistics is not None for name in MODEL_WIDE)
     assert all(get_method(name).needs_whole((7, 5)) for name in WHOLE_TENSOR)
     assert not any(get_method(name).needs_whole((7, 5)) for name in CASES)
 
