@@ -145,7 +145,10 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
     chunk_rows: list[int] = [0] * len(tasks)
     state_bytes: list[int] = [0] * len(tasks)
     merge_bytes: dict[str, int] = {}
-    _choose_held_intermediates(tasks, footprints, work_budget if hold_intermediates else 0, workers, max_unit_bytes)
+    # model-wide passes read a tensor's inputs before its own units begin: an intermediate held from a tensor's
+    # first unit to its last would be held across the whole phase, so with them every read recomputes it
+    _choose_held_intermediates(tasks, footprints, work_budget if hold_intermediates and not passes else 0, workers,
+                               max_unit_bytes)
     for i in order:
         task, footprint = tasks[i], footprints[i]
         rows = task.output.rows
