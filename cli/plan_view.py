@@ -75,7 +75,8 @@ def _model_statistics(prepared: Prepared) -> dict | None:
         return None
     units = s.model_units()
     return {"method": next(t.method.name for t in tasks if t.method.model_statistics is not None),
-            "passes": s.model_passes, "units": len(units), "tensors": len({u.task for u in units}),
+            "passes": s.model_passes, "units": len(units),  # 0 when the budget does not fit
+            "tensors": sum(1 for t in tasks if t.method.model_statistics is not None),
             "read_bytes": model_read_bytes(tasks), "state_bytes": s.model_state_bytes,
             "largest_unit_bytes": max((u.live_bytes for u in units), default=0)}
 
@@ -182,7 +183,8 @@ def render_text(prepared: Prepared, console: Console) -> None:
     wide = summary["model_statistics"]
     if wide:
         console.print(f"model-wide statistics first ({wide['method']}): {wide['passes']} passes over every merged tensor "
-                      f"({wide['tensors']} tensors, {wide['units']} units) before any merge, reading "
+                      f"({wide['tensors']} tensors{', ' + str(wide['units']) + ' units' if wide['units'] else ''}) before any "
+                      f"merge, reading "
                       f"{format_size(wide['read_bytes'])} (in the read total); their values hold "
                       f"{format_size(wide['state_bytes'])} for the whole run and are kept in the journal", highlight=False)
     whole = summary["whole_tensors"]

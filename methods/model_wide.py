@@ -31,6 +31,7 @@ k = 0 keeps nothing. The paper has no λ (λ = 1).
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -71,19 +72,22 @@ def _need(ctx: MergeContext, key: str, method: str) -> None:
 
 
 _VALUES: dict = {}  # `_values`' memo: every chunk asks again with the same combined histograms
+_VALUES_LOCK = threading.Lock()  # worker threads share it
 
 
 def _values(selection: RankSelection, stats, ranks: list[int]) -> list[Tensor]:
     """The values at `ranks` (the very ranks the passes ran with: pass 1 and 2 hold one histogram per rank)."""
     last = stats[f"{selection.name}.h2"]
     key = (id(last), selection.name, tuple(ranks))
-    hit = _VALUES.get(key)
+    with _VALUES_LOCK:
+        hit = _VALUES.get(key)
     if hit is not None and hit[0]() is last:
         return hit[1]
     values = [torch.tensor(cut.value(selection.descending), dtype=torch.float32) for cut in selection.cuts(stats, ranks)]
-    if len(_VALUES) >= 1024:
-        _VALUES.pop(next(iter(_VALUES)), None)
-    _VALUES[key] = (weakref.ref(last), values)
+    with _VALUES_LOCK:
+        if len(_VALUES) >= 1024:
+            _VALUES.pop(next(iter(_VALUES)))
+        _VALUES[key] = (weakref.ref(last), values)
     return values
 
 

@@ -32,6 +32,7 @@ the cut) is exact up to float64 rounding (L1 rescaling needs the kept mass). Wit
 from __future__ import annotations
 
 import struct
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Iterable
@@ -52,6 +53,7 @@ EVERYTHING = 1 << 32  # cut key when every element is below (rank >= n)
 
 _PATHS: dict = {}  # RankSelection._paths' memo: (histogram ids, ranks, depth) -> (weak refs, paths)
 _PATHS_KEPT = 256
+_PATHS_LOCK = threading.Lock()  # worker threads share the memo
 
 # Keys are held as int32: the unsigned key minus 2^31, so that int32 order is key order.
 _SIGN = 1 << 31
@@ -207,13 +209,15 @@ class RankSelection:
         h0 = stats[self._key("h0")]
         h1 = stats.get(self._key("h1")) if depth == 2 else None
         key = (id(h0), id(h1), tuple(ranks), depth, self.locate_first)
-        hit = _PATHS.get(key)
+        with _PATHS_LOCK:
+            hit = _PATHS.get(key)
         if hit is not None and hit[0]() is h0 and (h1 is None or hit[1]() is h1):
             return hit[2]
         paths = self._find_paths(stats, h0, ranks, depth)
-        if len(_PATHS) >= _PATHS_KEPT:
-            _PATHS.pop(next(iter(_PATHS)), None)
-        _PATHS[key] = (weakref.ref(h0), weakref.ref(h1) if h1 is not None else None, paths)
+        with _PATHS_LOCK:
+            if len(_PATHS) >= _PATHS_KEPT:
+                _PATHS.pop(next(iter(_PATHS)))
+            _PATHS[key] = (weakref.ref(h0), weakref.ref(h1) if h1 is not None else None, paths)
         return paths
 
     def _find_paths(self, stats: dict, h0: Tensor, ranks: list[int], depth: int) -> list[tuple[int, ...] | None]:
