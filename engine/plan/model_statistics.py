@@ -90,12 +90,6 @@ class ModelStatisticsState:
             self.pass_done[pass_index].set()
             return finished
 
-    def complete(self, pass_index: int, values: dict[str, Tensor]) -> None:
-        """A pass with no units to run (nothing to merge): publish what is known."""
-        with self._lock:
-            self.stats = {**self.stats, **values}
-            self.pass_done[pass_index].set()
-
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.stats.values(), *self._folding.values()))
