@@ -357,3 +357,26 @@ def test_pcb_with_an_untouched_model_stays_finite():
     out = run_model_wide("pcb", tensors, {"weight": [1.0] * 3, "density": 0.3, "lambda": 1.0}, 2)
     assert all(torch.isfinite(t).all() for t in out.values())
     assert any(not torch.equal(out[n], tensors[n][0]) for n in out)
+
+
+def test_the_cost_model_counts_the_phase_and_its_state(tmp_path, models):
+    from mergeng.engine.run import prepare
+    from mergeng.engine.schedule.cost_model import RESERVE_BYTES, model_statistics_footprint, row_cost
+    from mergeng.engine.schedule.scheduler import make_schedule
+
+    path = tmp_path / "pcb.yml"
+    path.write_text(recipe(models, "pcb", {"density": 0.2}))
+    tasks = prepare(path).plan.tasks
+    budget, unit_cap = 1 << 30, 8 << 10
+    s = make_schedule(tasks, budget, 0, 2, unit_cap)
+    histograms = model_statistics_footprint(tasks[0]).state  # one tensor's probe: every model's histograms
+    assert s.model_state_bytes == histograms > 3 * 2 * 2 * (1 << 14) * 8  # ≥ h0 and h1 per selection and model
+    assert s.work_budget == budget - RESERVE_BYTES - s.model_state_bytes
+    phase = s.model_units()
+    per_pass = [sum(1 for u in phase if u.pass_index == p) for p in range(-6, 0)]
+    assert len(set(per_pass)) == 1 and per_pass[0] > len(tasks)  # every pass: every tensor's row chunks
+    for u in phase:  # rows of inputs + the pass's histogram partial
+        assert u.live_bytes >= u.rows * row_cost(tasks[u.task], False) + model_statistics_footprint(tasks[u.task]).partial
+    assert not make_schedule(tasks, s.min_budget - 1, 0, 2, unit_cap).feasible
+    assert make_schedule(tasks, s.min_budget, 0, 2, unit_cap).feasible
+    assert s.predicted_peak >= s.model_state_bytes + max(u.live_bytes for u in phase)
