@@ -41,11 +41,12 @@ from .declaration import MergeContext, ModelStatistics, Tensor, merge_method
 from .rank_selection import PASSES, RankSelection
 from .row_sums import as_rows, at_least_1d, row_blocks
 
-# torch computes exp/tanh with SIMD kernels (Sleef) but a vector's leftover tail, and every tail of a range
-# split over threads, with the scalar libm function: they can differ by an ulp, so an element's value would
-# depend on where a chunk starts and on the thread count. `_lanewise` feeds them pieces whose length is a
-# multiple of 64 (every SIMD width × unroll) and below torch's parallel grain (32768): every element takes
-# the vector path on one thread, whatever the chunking.
+# exp and tanh are not correctly rounded: torch computes them with SIMD kernels, and a vector's leftover
+# tail (and each tail of a range split over threads) may take another code path. On torch 2.13.0 (AVX512)
+# the two measured equal, but nothing promises it on other builds or ISAs, and a difference of one ulp
+# would make an element's value depend on where its chunk starts or on the thread count. `_lanewise`
+# feeds them pieces whose length is a multiple of 64 (every SIMD width × unroll) and below torch's
+# parallel grain (32768): every element takes the same (vector) path on one thread, whatever the chunking.
 LANE_PIECE = 1 << 14
 LANE_MULTIPLE = 64
 OUTLIER_RATIO = 1e-4  # PCB_merge's clamp of |τ|: the 0.01 % smallest and largest magnitudes
