@@ -69,6 +69,8 @@ from ..inputs.source import ComputedRows, disk_row_bytes, stored_origin
 
 # one unit's working set; its buffers then stay under memory.HEAP_BUFFER_LIMIT and are reused
 MAX_UNIT_BYTES = 64 << 20
+# ... except for a tensor whose method has statistics passes: chunked, it reads its inputs once per pass
+STATISTICS_UNIT_BYTES = 1 << 30
 
 
 class WorkUnit(NamedTuple):  # a tuple: a 671B plan makes a million of them (a frozen dataclass: 3x slower to make)
@@ -207,7 +209,10 @@ def _chunk_rows(task: TensorTask, footprint, work_budget: int, workers: int, max
     statistics = len(task.method.statistics)
     share = max(work_budget // workers, 1)
     whole = unit_bytes(task, footprint, statistics, rows, inline_statistics=True)
-    if whole <= share and whole - fixed_cost(task) <= max_unit_bytes:
+    # a chunked tensor with statistics passes reads (and computes) its inputs once more per pass: at the default
+    # cap, such a tensor stays whole up to STATISTICS_UNIT_BYTES (its buffers are mapped, not kept in the heap)
+    cap = STATISTICS_UNIT_BYTES if statistics and max_unit_bytes == MAX_UNIT_BYTES else max_unit_bytes
+    if whole <= share and whole - fixed_cost(task) <= cap:
         return rows
     share = max((work_budget - footprint.state_bytes(rows) - held_bytes(task)) // workers, 1)
     per_row = max([row_cost(task)] + [row_cost(task, False) + partial_per_row for partial_per_row, _ in footprint.passes])
