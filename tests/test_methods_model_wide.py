@@ -380,3 +380,17 @@ def test_the_cost_model_counts_the_phase_and_its_state(tmp_path, models):
     assert not make_schedule(tasks, s.min_budget - 1, 0, 2, unit_cap).feasible
     assert make_schedule(tasks, s.min_budget, 0, 2, unit_cap).feasible
     assert s.predicted_peak >= s.model_state_bytes + max(u.live_bytes for u in phase)
+
+
+def test_only_the_merged_tensors_count_and_the_others_are_copied(tmp_path, models):
+    """The paper's 'selected parameters': tensors left out by `exclude` are copied and count in no statistic."""
+    text = recipe(models, "localize_stitch", {"density": 0.15}, extra="exclude: ['*embed_tokens*', 'lm_head*']\n")
+    ours = load_tensors(merge(tmp_path, text))
+    base = load_tensors(models / "base")
+    kept = [n for n in sorted(base) if "embed_tokens" not in n and not n.startswith("lm_head")]
+    flat_base = torch.cat([base[n].reshape(-1) for n in kept])
+    inputs = [load_tensors(models / m) for m in NAMES[1:]]
+    tasks = torch.stack([torch.cat([x[n].reshape(-1) for n in kept]) for x in inputs]) - flat_base
+    close({n: ours[n] for n in kept}, unflat([(n, base[n].shape) for n in kept], flat_base + localize_stitch_reference(tasks, 0.15)))
+    for n in set(base) - set(kept):
+        assert torch.equal(ours[n], base[n])
