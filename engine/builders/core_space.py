@@ -1,0 +1,298 @@
+"""`merge_method: core_space`: LoRA adapters merged in their core space (methods/core_space.py), into
+the base as a model folder (`mergeng run`) or out as one PEFT adapter (`mergeng lora merge`).
+
+    recipe (models: BASE+ADAPTER_i, base_model: BASE) ──► ordinary plan (parameters resolved per tensor)
+        each core_space task ──► passthrough of the base tensor with a CoreSpacePatch:
+            rows [a, b) ──► W0[a:b] + (B'·A')[a:b]      B', A' = core_space_factors(adapters' factors)
+        `mergeng lora merge`  ──► B', A' of every patched tensor written as adapter_model.safetensors
+
+Why a plan rewrite: the method needs the adapters' factors, which the per-tensor method interface
+(rows of full weights) does not carry; the factors are on the LoRA overlays' patches
+(engine/inputs/lora.py LoraPatch: A, B, scale, orientation). The planner still resolves every
+parameter (per-model `weight`, `lambda`, `isotropize`, filters), dtype and include/exclude as for
+any method; this module then swaps each core_space task for a copy of its base tensor patched
+with the merged low-rank update, so the scheduler, executor and writer see what `lora apply` gives them.
+
+Invariants:
+- Every factor is read through read_rows from the overlays' TensorInfos (the one read path); no
+  weight is read while planning; one tensor's factors and merged factors live only during a read.
+- Refused in one line before any weight is read: a model that is not BASE+ADAPTER on the recipe's
+  base_model, stacked adapters, DoRA / LoRA bias / modules_to_save in an adapter, `slices`,
+  `calibrate`, a tokenizer section moving embedding rows.
+- A tensor an adapter does not touch contributes no factors (its task vector is zero); a tensor no
+  adapter touches is the base's, copied.
+- Deterministic and chunk-independent: the merged factors depend only on the tensor's adapters and
+  parameters (float64, fixed order); B'·A' is computed in fixed row blocks aligned to row 0, so a
+  tensor written in row chunks has the bytes of the tensor written whole.
+- The adapter output and the into-base output use the same merged factors: PEFT's
+  merge_and_unload of the adapter equals the merged model up to the output dtype's rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ...errors import MergeError
+from ...methods.core_space import core_space_factors
+from ...methods.registry import MergeContext, get_method
+from ..inputs.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_PRODUCT_BLOCK_ROWS, PRODUCT_BLOCK_BYTES, ChainedPatch, LoraPatch,
+                           PatchedRows)
+from ..inputs.source import ComputedRows, TensorInfo, read_rows
+from ..output.writer import AppendingWriter
+from ..plan.merge_plan import MergePlan
+from ..plan.tensor_task import TensorTask
+
+F32, F64 = 4, 8
+METHOD = "core_space"
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One adapter's LoRA on one base tensor: its patch (A, B, scale, orientation) and module path."""
+
+    model: str
+    module: str
+    kind: str  # lora or embedding
+    patch: LoraPatch
+
+
+class CoreSpacePatch:
+    """W0[start:stop] + (B'·A')[start:stop], B'·A' the core-space merge of the tensor's adapters.
+
+    Factors are taken in the stored tensor's orientation: ΔW = s·B·A, or (s·B·A)ᵀ = Aᵀ·(s·B)ᵀ for
+    embeddings and fan_in_fan_out layers, so the merge and the product never transpose rows."""
+
+    def __init__(self, name: str, inner: TensorInfo, factors: list[Factors], weights: list[float], params: dict):
+        self.name, self.inner, self.factors, self.weights, self.params = name, inner, factors, weights, params
+        rows, cols = inner.shape
+        rank = sum(f.patch.a.shape[0] for f in factors)
+        self.product_block_rows = min(MAX_PRODUCT_BLOCK_ROWS, max(8, PRODUCT_BLOCK_BYTES // (cols * F32) // 8 * 8))
+        self.row_bytes = cols * F32  # the result row (the base row is added into it)
+        # once per read: every adapter's factors raw and as float32 (scaled copies), the float64 stacks,
+        # their SVD factors and the bases, the cores, the merged factors, one product block
+        raw = sum(f.patch.a.nbytes + f.patch.b.nbytes for f in factors)
+        self.fixed_bytes = (raw + 2 * (rows + cols) * rank * F32 + 4 * (rows + cols) * rank * F64
+                            + (len(factors) + 4) * rank * rank * F64 + (rows + cols) * rank * F32
+                            + self.product_block_rows * cols * F32)
+
+    @property
+    def transposed(self) -> bool:
+        return self.factors[0].patch.transposed
+
+    def stored_factors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(B_i, A_i) of every adapter with ΔW_i = B_i·A_i in the stored orientation, scale folded into B_i."""
+        bs, as_ = [], []
+        for f in self.factors:
+            a = read_rows(f.patch.a).float()
+            b = read_rows(f.patch.b).float().mul_(f.patch.scale)
+            bs.append(a.T if f.patch.transposed else b)
+            as_.append(b.T if f.patch.transposed else a)
+        return bs, as_
+
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A'), float32, in the stored orientation: the merged update is B'·A'."""
+        method = get_method(METHOD)
+
+        def merge(cores: list[torch.Tensor]) -> torch.Tensor:
+            ctx = MergeContext(self.name, 0, cores[0].shape[0], cores[0].shape[0])
+            return method(torch.zeros(cores[0].shape, dtype=torch.float32), cores,
+                          {"weight": self.weights, **self.params}, ctx)
+
+        return core_space_factors(*self.stored_factors(), merge)
+
+    def delta(self, start: int, stop: int) -> torch.Tensor:
+        """(B'·A')[start:stop] in float32, computed in fixed row blocks aligned to row 0 (any chunking: same bits)."""
+        b, a = self.merged()
+        out = torch.empty((stop - start, self.inner.shape[1]), dtype=torch.float32)
+        step = self.product_block_rows
+        for lo in range(start // step * step, stop, step):
+            hi = min(self.inner.rows, lo + step)
+            block = b[lo:hi] @ a
+            s, e = max(lo, start), min(hi, stop)
+            out[s - start:e - start] = block[s - lo:e - lo]
+        return out
+
+    def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.delta(start, stop).add_(rows)
+
+
+def _on_top(inner: TensorInfo, patch: CoreSpacePatch):
+    """`patch` applied to the rows of `inner` as read (a quantized base's rows arrive dequantized)."""
+    if inner.patch is None:
+        return patch
+    if isinstance(inner.patch, ComputedRows):
+        return PatchedRows(inner, patch)
+    return ChainedPatch(inner.patch, patch)
+
+
+def _refuse(message: str):
+    raise MergeError(f"merge_method core_space: {message}")
+
+
+def check_core_space_recipe(plan: MergePlan, models: set[str], base_model: str | None) -> None:
+    """One line for what core_space cannot merge, from headers only."""
+    recipe = plan.recipe
+    if recipe.slices is not None or recipe.modules is not None:
+        _refuse("takes `models:` (BASE+ADAPTER each), not `slices` or `modules`")
+    if "calibrate" in recipe.parameters:
+        _refuse("`calibrate` does not apply (the merge is a low-rank update, not full task vectors); drop it")
+    if not base_model:
+        _refuse("needs `base_model:` (the model the adapters were trained on)")
+    base = plan.sources[base_model]
+    if getattr(base, "adapter", None) is not None:
+        _refuse(f"base_model '{base_model}' is a model plus an adapter; give the plain base model")
+    for label in sorted(models):
+        src = plan.sources[label]
+        adapter = getattr(src, "adapter", None)
+        if adapter is None:
+            _refuse(f"model '{label}' is not a LoRA adapter; core_space merges adapters written "
+                    f"'BASE+ADAPTER' (e.g. '{base_model}+path/to/adapter'); merge full models with another method")
+        if getattr(src.base, "adapter", None) is not None:
+            _refuse(f"model '{label}' stacks adapters; give one adapter per model (BASE+ADAPTER)")
+        if Path(src.base.path).resolve() != Path(base.path).resolve():
+            _refuse(f"model '{label}' is an adapter on '{src.base.label}', not on base_model '{base_model}'")
+        other = sorted({m.kind for m in src.lora_modules} - {"lora", "embedding"})
+        if other:
+            example = next(m for m in src.lora_modules if m.kind == other[0])
+            what = {"replace": "modules_to_save (full tensors)", "bias": "LoRA biases"}.get(other[0], "DoRA magnitudes")
+            _refuse(f"adapter {adapter.path} has {what} (e.g. '{example.tensor}'), which are not low-rank factors "
+                    f"a core space can hold; merge it with task_arithmetic over BASE+ADAPTER instead")
+
+
+def _factors(task: TensorTask, modules: dict[tuple[str, str], tuple[str, str]]) -> tuple[list[Factors], list[float]]:
+    factors, weights = [], []
+    for i, (model, info) in enumerate(zip(task.input_models, task.inputs)):
+        patch = info.patch
+        if isinstance(patch, PatchedRows):
+            patch = patch.patch
+        if patch is None:
+            continue  # this adapter does not touch the tensor: a zero task vector
+        if not isinstance(patch, LoraPatch) or patch.magnitude is not None:
+            _refuse(f"tensor '{task.output.name}' of model '{model}' is not a base tensor plus LoRA factors "
+                    f"(a tokenizer section or an adapter that replaces it?); core_space cannot merge it")
+        module, kind = modules[(model, info.name)]
+        factors.append(Factors(model, module, kind, patch))
+        weights.append(float(task.params["weight"][i]))
+    return factors, weights
+
+
+def core_space_plan(plan: MergePlan) -> MergePlan:
+    """`plan` with every core_space task made a copy of its base tensor plus the merged low-rank update."""
+    tasks = [t for t in plan.tasks if t.method.name == METHOD]
+    if not tasks and plan.recipe.merge_method != METHOD:
+        return plan
+    models = {m for t in tasks for m in t.input_models}
+    check_core_space_recipe(plan, models, plan.recipe.base_model)
+    modules = {(label, m.tensor): (m.module, m.kind) for label in models for m in plan.sources[label].lora_modules}
+    passthrough = get_method("passthrough")
+    out, adapted = [], 0
+    for task in plan.tasks:
+        if task.method.name != METHOD:
+            out.append(task)
+            continue
+        factors, weights = _factors(task, modules)
+        base = task.base
+        if factors:
+            params = {k: v for k, v in task.params.items() if k != "weight"}
+            base = replace(base, patch=_on_top(base, CoreSpacePatch(task.output.name, base, factors, weights, params)))
+            adapted += 1
+        out.append(TensorTask(task.output, None, (base,), (task.base_model,), {"scale": [1.0]}, passthrough))
+    if not adapted:
+        _refuse("no tensor carries LoRA factors of the adapters (nothing to merge)")
+    return replace(plan, tasks=out)
+
+
+def core_space_patches(plan: MergePlan) -> list[CoreSpacePatch]:
+    """The merged updates of a core_space plan, in output order."""
+    found = []
+    for task in plan.tasks:
+        patch = task.inputs[0].patch if task.inputs else None
+        patch = patch.patch if isinstance(patch, PatchedRows) else patch
+        patch = patch.second if isinstance(patch, ChainedPatch) else patch
+        if isinstance(patch, CoreSpacePatch):
+            found.append(patch)
+    return found
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    module: str
+    shape: tuple[int, ...]
+    rank: int  # merged rank written
+    adapters: int  # adapters that carry this module
+
+
+def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[AdapterModule]:
+    """Write the core_space merge of `plan` (core_space_plan) as one PEFT adapter folder; return its modules.
+
+    Each module's factors: B' (out×k), A' (k×in), or lora_embedding_A = B'ᵀ, lora_embedding_B = A'ᵀ for
+    embeddings; lora_alpha = r per module (scale 1), so PEFT adds exactly B'·A'."""
+    patches = core_space_patches(plan)
+    if plan.recipe.merge_method != METHOD or not patches:
+        raise MergeError(f"`mergeng lora merge` writes a core_space merge as an adapter; the recipe's merge_method is "
+                         f"'{plan.recipe.merge_method}' (write `merge_method: core_space`, or use `mergeng run`)")
+    layouts = {p.transposed for p in patches if p.factors[0].kind != "embedding"}
+    if len(layouts) > 1:
+        _refuse("the adapters mix fan_in_fan_out and ordinary linear layers; one PEFT adapter cannot hold both "
+                "(write the merge into the base with `mergeng run`)")
+    first = plan.sources[patches[0].factors[0].model].adapter.config
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"--out {out_dir} is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stream = AppendingWriter(out_dir / ADAPTER_WEIGHTS)
+    written: list[AdapterModule] = []
+    try:
+        for patch in patches:
+            b, a = patch.merged()
+            dtype = patch.factors[0].patch.a.dtype
+            module = patch.factors[0].module
+            if patch.factors[0].kind == "embedding":  # stored ΔW = (B·A)ᵀ, A (r, num_embeddings), B (dim, r)
+                stream.add(f"base_model.model.{module}.lora_embedding_A", b.T.contiguous().to(dtype))
+                stream.add(f"base_model.model.{module}.lora_embedding_B", a.T.contiguous().to(dtype))
+            elif patch.transposed:  # fan_in_fan_out: stored ΔW = (B·A)ᵀ
+                stream.add(f"base_model.model.{module}.lora_A.weight", b.T.contiguous().to(dtype))
+                stream.add(f"base_model.model.{module}.lora_B.weight", a.T.contiguous().to(dtype))
+            else:
+                stream.add(f"base_model.model.{module}.lora_A.weight", a.contiguous().to(dtype))
+                stream.add(f"base_model.model.{module}.lora_B.weight", b.contiguous().to(dtype))
+            written.append(AdapterModule(module, tuple(patch.inner.shape), int(b.shape[1]), len(patch.factors)))
+        stream.finish()
+    except BaseException:
+        stream.abort()
+        raise
+    _write_config(out_dir, first, {m.module: m.rank for m in written}, fan_in_fan_out=layouts == {True})
+    return written
+
+
+def _write_config(out_dir: Path, first: dict, ranks: dict[str, int], fan_in_fan_out: bool) -> None:
+    """adapter_config.json: scale 1 for every module (lora_alpha = r; rank_pattern where a module's rank differs)."""
+    counts: dict[int, int] = {}
+    for k in ranks.values():
+        counts[k] = counts.get(k, 0) + 1
+    rank = max(sorted(counts), key=lambda k: counts[k])
+    pattern = {re.escape(m): k for m, k in ranks.items() if k != rank}
+    config = {
+        "peft_type": "LORA",
+        "task_type": first.get("task_type"),
+        "base_model_name_or_path": first.get("base_model_name_or_path"),
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": sorted(ranks),
+        "modules_to_save": None,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
