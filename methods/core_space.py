@@ -28,12 +28,18 @@ from __future__ import annotations
 
 import torch
 
-from .declaration import MergeContext, Tensor, merge_method
+from .declaration import MergeContext, Tensor, WholeTensorCost, merge_method
 
 F64 = torch.float64
 
 
-@merge_method("core_space", min_models=1, scratch=0)
+def _core_workspace(shape: tuple[int, ...], models: int) -> WholeTensorCost:
+    """A core's merge: the float64 sum and its SVD (U, Vᵀ, a copy): ~4 R×R float64 = 8 float32 each; ~10R³ flops."""
+    size = shape[0] * shape[1]
+    return WholeTensorCost(8 * size, 10.0 * size * min(shape))
+
+
+@merge_method("core_space", min_models=1, scratch=0, whole_tensor=lambda shape: len(shape) == 2, workspace=_core_workspace)
 def core_space(base: Tensor, tensors: list[Tensor], weight: list[float] = 1.0, lambda_: float = 1.0,
                isotropize: bool = False, ctx: MergeContext | None = None) -> Tensor:
     """Core Space: LoRA adapters merged in a shared R×R core space, `W0 + λ·U_B·merge(M_i)·V_Aᵀ`.
@@ -50,7 +56,12 @@ def core_space(base: Tensor, tensors: list[Tensor], weight: list[float] = 1.0, l
     (rank ≤ R per module) instead of a model. Refused (one line): a model that is not
     BASE+ADAPTER, stacked adapters, DoRA, LoRA biases and modules_to_save (not low-rank factors).
     Where the official code isotropizes a rank-deficient core over all R directions (arbitrary
-    null-space vectors), mergeng keeps the core's non-zero singular directions only."""
+    null-space vectors), mergeng keeps the core's non-zero singular directions only. A base layer
+    an adapter saves beside its LoRA (PEFT's save_embedding_layers) must equal the base's. Unlike
+    mergekit PR #645 (task arithmetic of rank-truncated full deltas) and #646 (a mean of truncated
+    deltas, silently a plain mean for bf16 and 1-D tensors), it reads the factors themselves. The
+    function merges the cores (`tensors` = the M_i, `base` = a zero core); the engine builds the
+    cores from the adapters and writes the result (engine/builders/core_space.py)."""
     merged = torch.zeros(base.shape, dtype=F64)
     for w, core in zip(weight, tensors):
         merged += w * core.to(F64)

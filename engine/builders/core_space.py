@@ -18,7 +18,9 @@ Invariants:
   weight is read while planning; one tensor's factors and merged factors live only during a read.
 - Refused in one line before any weight is read: a model that is not BASE+ADAPTER on the recipe's
   base_model, stacked adapters, DoRA / LoRA bias / modules_to_save in an adapter, `slices`,
-  `calibrate`, a tokenizer section moving embedding rows.
+  `calibrate`, a tokenizer section moving embedding rows. A base layer the adapter saved beside
+  its LoRA (PEFT's save_embedding_layers) is read with the base's rows and must equal them (else
+  one line, exit 2, when that tensor is read: a resized vocabulary is not a low-rank update).
 - A tensor an adapter does not touch contributes no factors (its task vector is zero); a tensor no
   adapter touches is the base's, copied.
 - Deterministic and chunk-independent: the merged factors depend only on the tensor's adapters and
@@ -41,7 +43,7 @@ from ...errors import MergeError
 from ...methods.core_space import core_space_factors
 from ...methods.registry import MergeContext, get_method
 from ..inputs.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_PRODUCT_BLOCK_ROWS, PRODUCT_BLOCK_BYTES, ChainedPatch, LoraPatch,
-                           PatchedRows)
+                           PatchedRows, ReplacePatch)
 from ..inputs.source import ComputedRows, TensorInfo, read_rows
 from ..output.writer import AppendingWriter
 from ..plan.merge_plan import MergePlan
@@ -59,6 +61,7 @@ class Factors:
     module: str
     kind: str  # lora or embedding
     patch: LoraPatch
+    saved: TensorInfo | None = None  # the base layer as the adapter saved it (PEFT save_embedding_layers)
 
 
 class CoreSpacePatch:
@@ -76,6 +79,8 @@ class CoreSpacePatch:
         # once per read: every adapter's factors raw and as float32 (scaled copies), the float64 stacks,
         # their SVD factors and the bases, the cores, the merged factors, one product block
         raw = sum(f.patch.a.nbytes + f.patch.b.nbytes for f in factors)
+        saved_row = sum(f.saved.row_bytes + inner.shape[1] * F32 for f in factors if f.saved is not None)
+        self.row_bytes += saved_row + (inner.shape[1] * F32 if saved_row else 0)  # the saved rows, and the base's as float32
         self.fixed_bytes = (raw + 2 * (rows + cols) * rank * F32 + 4 * (rows + cols) * rank * F64
                             + (len(factors) + 4) * rank * rank * F64 + (rows + cols) * rank * F32
                             + self.product_block_rows * cols * F32)
@@ -118,6 +123,11 @@ class CoreSpacePatch:
         return out
 
     def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        for f in self.factors:
+            if f.saved is not None and not torch.equal(read_rows(f.saved, start, stop).float(), rows.float()):
+                raise MergeError(f"merge_method core_space: the adapter of model '{f.model}' saves its own '{self.name}' "
+                                 f"(PEFT save_embedding_layers) and it differs from the base's (a resized vocabulary?): "
+                                 f"not a low-rank update of the base; merge it with task_arithmetic over BASE+ADAPTER")
         return self.delta(start, stop).add_(rows)
 
 
@@ -156,9 +166,11 @@ def check_core_space_recipe(plan: MergePlan, models: set[str], base_model: str |
             _refuse(f"model '{label}' stacks adapters; give one adapter per model (BASE+ADAPTER)")
         if Path(src.base.path).resolve() != Path(base.path).resolve():
             _refuse(f"model '{label}' is an adapter on '{src.base.label}', not on base_model '{base_model}'")
-        other = sorted({m.kind for m in src.lora_modules} - {"lora", "embedding"})
+        factored = {m.tensor for m in src.lora_modules if m.kind in ("lora", "embedding")}
+        kinds = {m.kind for m in src.lora_modules if not (m.kind == "replace" and m.tensor in factored)}  # a saved base layer
+        other = sorted(kinds - {"lora", "embedding"})
         if other:
-            example = next(m for m in src.lora_modules if m.kind == other[0])
+            example = next(m for m in src.lora_modules if m.kind == other[0] and m.tensor not in factored)
             what = {"replace": "modules_to_save (full tensors)", "bias": "LoRA biases"}.get(other[0], "DoRA magnitudes")
             _refuse(f"adapter {adapter.path} has {what} (e.g. '{example.tensor}'), which are not low-rank factors "
                     f"a core space can hold; merge it with task_arithmetic over BASE+ADAPTER instead")
@@ -167,16 +179,18 @@ def check_core_space_recipe(plan: MergePlan, models: set[str], base_model: str |
 def _factors(task: TensorTask, modules: dict[tuple[str, str], tuple[str, str]]) -> tuple[list[Factors], list[float]]:
     factors, weights = [], []
     for i, (model, info) in enumerate(zip(task.input_models, task.inputs)):
-        patch = info.patch
+        patch, saved = info.patch, None
         if isinstance(patch, PatchedRows):
             patch = patch.patch
+        if isinstance(patch, ChainedPatch) and isinstance(patch.first, ReplacePatch):
+            patch, saved = patch.second, patch.first.tensor  # a saved base layer, then its LoRA
         if patch is None:
             continue  # this adapter does not touch the tensor: a zero task vector
         if not isinstance(patch, LoraPatch) or patch.magnitude is not None:
             _refuse(f"tensor '{task.output.name}' of model '{model}' is not a base tensor plus LoRA factors "
                     f"(a tokenizer section or an adapter that replaces it?); core_space cannot merge it")
         module, kind = modules[(model, info.name)]
-        factors.append(Factors(model, module, kind, patch))
+        factors.append(Factors(model, module, kind, patch, saved))
         weights.append(float(task.params["weight"][i]))
     return factors, weights
 
@@ -190,7 +204,7 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
     check_core_space_recipe(plan, models, plan.recipe.base_model)
     modules = {(label, m.tensor): (m.module, m.kind) for label in models for m in plan.sources[label].lora_modules}
     passthrough = get_method("passthrough")
-    out, adapted = [], 0
+    out, adapted, untouched = [], 0, set()
     for task in plan.tasks:
         if task.method.name != METHOD:
             out.append(task)
@@ -201,10 +215,14 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
             params = {k: v for k, v in task.params.items() if k != "weight"}
             base = replace(base, patch=_on_top(base, CoreSpacePatch(task.output.name, base, factors, weights, params)))
             adapted += 1
+        else:
+            untouched.add(task.output.name)
         out.append(TensorTask(task.output, None, (base,), (task.base_model,), {"scale": [1.0]}, passthrough))
     if not adapted:
         _refuse("no tensor carries LoRA factors of the adapters (nothing to merge)")
-    return replace(plan, tasks=out)
+    report = [{**r, "action": "copied", "from": [plan.recipe.base_model], "reason": "no adapter carries LoRA factors for it"}
+              if r.get("tensor") in untouched and r.get("action") == "merged" else r for r in plan.report]
+    return replace(plan, tasks=out, report=report)
 
 
 def core_space_patches(plan: MergePlan) -> list[CoreSpacePatch]:
