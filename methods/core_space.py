@@ -16,7 +16,8 @@ the rows of B'·A' being written into the base.
 Invariants:
 - Pure functions over float tensors; no files. The bases, cores and the core's SVD are float64
   (the stacks are ill-conditioned when adapters share directions); results are float32.
-- Deterministic: fixed summation order (recipe order), no randomness.
+- Deterministic: fixed summation order (recipe order), no randomness, and every SVD on one intra-op
+  thread (methods/subspace.py `one_thread`: LAPACK's bits depend on the thread count).
 - Lossless for a linear rule: U_B·U_Bᵀ and V_A·V_Aᵀ are identities on the ranges of every B_i and
   A_iᵀ, so with `isotropize: false` ΔW = λ·Σ w_i·B_i·A_i exactly (up to float rounding); one
   adapter in gives that adapter's ΔW.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from .declaration import MergeContext, Tensor, WholeTensorCost, merge_method
+from .subspace import single_threaded
 
 F64 = torch.float64
 
@@ -40,6 +42,7 @@ def _core_workspace(shape: tuple[int, ...], models: int) -> WholeTensorCost:
 
 
 @merge_method("core_space", min_models=1, scratch=0, whole_tensor=lambda shape: len(shape) == 2, workspace=_core_workspace)
+@single_threaded
 def core_space(base: Tensor, tensors: list[Tensor], weight: list[float] = 1.0, lambda_: float = 1.0,
                isotropize: bool = False, ctx: MergeContext | None = None) -> Tensor:
     """Core Space: LoRA adapters merged in a shared R×R core space, `W0 + λ·U_B·merge(M_i)·V_Aᵀ`.
@@ -93,6 +96,7 @@ def task_cores(bs: list[Tensor], as_: list[Tensor], u_b: Tensor, v_a: Tensor) ->
     return [(u_b.T @ b.to(F64)) @ (a.to(F64) @ v_a) for b, a in zip(bs, as_)]
 
 
+@single_threaded
 def core_space_factors(bs: list[Tensor], as_: list[Tensor], merge) -> tuple[Tensor, Tensor]:
     """The merged update as LoRA factors (B' m×k, A' k×n, float32, B'·A' = U_B·M·V_Aᵀ, k ≤ R).
 
