@@ -2,7 +2,7 @@
 the base as a model folder (`mergeng run`) or out as one PEFT adapter (`mergeng lora merge`).
 
     recipe (models: BASE+ADAPTER_i, base_model: BASE) ──► ordinary plan (parameters resolved per tensor)
-        each core_space task ──► passthrough of the base tensor with a CoreSpacePatch:
+        each core_space task ──► passthrough of the base tensor read through a CoreSpacePatch (ComputedRows):
             rows [a, b) ──► W0[a:b] + (B'·A')[a:b]      B', A' = core_space_factors(adapters' factors)
         `mergeng lora merge`  ──► B', A' of every patched tensor written as adapter_model.safetensors
 
@@ -25,7 +25,8 @@ Invariants:
   adapter touches is the base's, copied.
 - Deterministic and chunk-independent: the merged factors depend only on the tensor's adapters and
   parameters (float64, fixed order); B'·A' is computed in fixed row blocks aligned to row 0, so a
-  tensor written in row chunks has the bytes of the tensor written whole.
+  tensor written in row chunks has the bytes of the tensor written whole. The merged factors are
+  computed once per tensor and held (the scheduler's held bytes) until its last unit has ended.
 - The adapter output and the into-base output use the same merged factors: PEFT's
   merge_and_unload of the adapter equals the merged model up to the output dtype's rounding.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,7 +46,7 @@ from ...methods.core_space import core_space_factors
 from ...methods.registry import MergeContext, get_method
 from ..inputs.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_PRODUCT_BLOCK_ROWS, PRODUCT_BLOCK_BYTES, ChainedPatch, LoraPatch,
                            PatchedRows, ReplacePatch)
-from ..inputs.source import ComputedRows, TensorInfo, read_rows
+from ..inputs.source import ComputedRows, TensorInfo, disk_row_bytes, read_rows, stored_origin
 from ..output.writer import AppendingWriter
 from ..plan.merge_plan import MergePlan
 from ..plan.tensor_task import TensorTask
@@ -64,26 +66,33 @@ class Factors:
     saved: TensorInfo | None = None  # the base layer as the adapter saved it (PEFT save_embedding_layers)
 
 
-class CoreSpacePatch:
-    """W0[start:stop] + (B'·A')[start:stop], B'·A' the core-space merge of the tensor's adapters.
+class CoreSpacePatch(ComputedRows):
+    """Rows of W0 + B'·A', B'·A' the core-space merge of the tensor's adapters (read through read_rows).
 
     Factors are taken in the stored tensor's orientation: ΔW = s·B·A, or (s·B·A)ᵀ = Aᵀ·(s·B)ᵀ for
-    embeddings and fan_in_fan_out layers, so the merge and the product never transpose rows."""
+    embeddings and fan_in_fan_out layers, so the merge and the product never transpose rows. The
+    merged factors are computed at the first read and held until the tensor's last unit has ended
+    (`release`): their bytes are `held_bytes`, counted by the scheduler while the tensor is in row chunks."""
 
     def __init__(self, name: str, inner: TensorInfo, factors: list[Factors], weights: list[float], params: dict):
         self.name, self.inner, self.factors, self.weights, self.params = name, inner, factors, weights, params
         rows, cols = inner.shape
         rank = sum(f.patch.a.shape[0] for f in factors)
         self.product_block_rows = min(MAX_PRODUCT_BLOCK_ROWS, max(8, PRODUCT_BLOCK_BYTES // (cols * F32) // 8 * 8))
-        self.row_bytes = cols * F32  # the result row (the base row is added into it)
-        # once per read: every adapter's factors raw and as float32 (scaled copies), the float64 stacks,
-        # their SVD factors and the bases, the cores, the merged factors, one product block
+        # per row: the base row as read (and its own patch), the result row, and any saved base layer's rows
+        saved_row = sum(f.saved.row_bytes + cols * F32 for f in factors if f.saved is not None)
+        self.row_bytes = (inner.patch.row_bytes if inner.patch is not None else 0) + cols * F32
+        self.row_bytes += saved_row + (cols * F32 if saved_row else 0)
+        # once, while the factors are computed: every adapter's factors raw and as float32 (scaled copies),
+        # the float64 stacks, their SVDs and the bases, the cores, the merged factors; one product block
         raw = sum(f.patch.a.nbytes + f.patch.b.nbytes for f in factors)
-        saved_row = sum(f.saved.row_bytes + inner.shape[1] * F32 for f in factors if f.saved is not None)
-        self.row_bytes += saved_row + (inner.shape[1] * F32 if saved_row else 0)  # the saved rows, and the base's as float32
+        self.held_bytes = (rows + cols) * rank * F32  # B' and A' (rank ≤ R)
         self.fixed_bytes = (raw + 2 * (rows + cols) * rank * F32 + 4 * (rows + cols) * rank * F64
-                            + (len(factors) + 4) * rank * rank * F64 + (rows + cols) * rank * F32
-                            + self.product_block_rows * cols * F32)
+                            + (len(factors) + 4) * rank * rank * F64 + self.held_bytes
+                            + self.product_block_rows * cols * F32
+                            + (inner.patch.fixed_bytes if inner.patch is not None else 0))
+        self._merged: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._lock = threading.Lock()
 
     @property
     def transposed(self) -> bool:
@@ -99,8 +108,8 @@ class CoreSpacePatch:
             as_.append(b.T if f.patch.transposed else a)
         return bs, as_
 
-    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B', A'), float32, in the stored orientation: the merged update is B'·A'."""
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A'), float32, in the stored orientation: the merged update is B'·A' (computed afresh)."""
         method = get_method(METHOD)
 
         def merge(cores: list[torch.Tensor]) -> torch.Tensor:
@@ -109,6 +118,17 @@ class CoreSpacePatch:
                           {"weight": self.weights, **self.params}, ctx)
 
         return core_space_factors(*self.stored_factors(), merge)
+
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A'), computed once and held until `release`."""
+        with self._lock:
+            if self._merged is None:
+                self._merged = self.compute()
+            return self._merged
+
+    def release(self) -> None:
+        with self._lock:
+            self._merged = None
 
     def delta(self, start: int, stop: int) -> torch.Tensor:
         """(B'·A')[start:stop] in float32, computed in fixed row blocks aligned to row 0 (any chunking: same bits)."""
@@ -122,7 +142,8 @@ class CoreSpacePatch:
             out[s - start:e - start] = block[s - lo:e - lo]
         return out
 
-    def apply(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        rows = read_rows(self.inner, start, stop)
         for f in self.factors:
             if f.saved is not None and not torch.equal(read_rows(f.saved, start, stop).float(), rows.float()):
                 raise MergeError(f"merge_method core_space: the adapter of model '{f.model}' saves its own '{self.name}' "
@@ -130,14 +151,17 @@ class CoreSpacePatch:
                                  f"not a low-rank update of the base; merge it with task_arithmetic over BASE+ADAPTER")
         return self.delta(start, stop).add_(rows)
 
+    def origin(self) -> TensorInfo:
+        return stored_origin(self.inner)
 
-def _on_top(inner: TensorInfo, patch: CoreSpacePatch):
-    """`patch` applied to the rows of `inner` as read (a quantized base's rows arrive dequantized)."""
-    if inner.patch is None:
-        return patch
-    if isinstance(inner.patch, ComputedRows):
-        return PatchedRows(inner, patch)
-    return ChainedPatch(inner.patch, patch)
+    def read_row_bytes(self) -> int:
+        return disk_row_bytes(self.inner)
+
+    def aligned_inputs(self) -> tuple[TensorInfo, ...]:
+        return (self.inner,)
+
+    def stored_inputs(self) -> tuple[TensorInfo, ...]:
+        return (self.inner,)
 
 
 def _refuse(message: str):
@@ -213,7 +237,7 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
         base = task.base
         if factors:
             params = {k: v for k, v in task.params.items() if k != "weight"}
-            base = replace(base, patch=_on_top(base, CoreSpacePatch(task.output.name, base, factors, weights, params)))
+            base = replace(base, patch=CoreSpacePatch(task.output.name, base, factors, weights, params))
             adapted += 1
         else:
             untouched.add(task.output.name)
@@ -230,8 +254,6 @@ def core_space_patches(plan: MergePlan) -> list[CoreSpacePatch]:
     found = []
     for task in plan.tasks:
         patch = task.inputs[0].patch if task.inputs else None
-        patch = patch.patch if isinstance(patch, PatchedRows) else patch
-        patch = patch.second if isinstance(patch, ChainedPatch) else patch
         if isinstance(patch, CoreSpacePatch):
             found.append(patch)
     return found
@@ -267,7 +289,7 @@ def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[Adapt
     written: list[AdapterModule] = []
     try:
         for patch in patches:
-            b, a = patch.merged()
+            b, a = patch.compute()
             dtype = patch.factors[0].patch.a.dtype
             module = patch.factors[0].module
             if patch.factors[0].kind == "embedding":  # stored ΔW = (B·A)ᵀ, A (r, num_embeddings), B (dim, r)
