@@ -7,6 +7,7 @@ and factorizes the merged core instead, so the two paths share no code.
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -168,3 +169,23 @@ def test_what_core_space_cannot_merge_is_one_line_exit_2(tmp_path, tiny_models, 
         assert result.exit_code == 2, result.output
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "adapter").exists()
+
+
+def test_a_saved_embedding_layer_that_differs_from_the_base_is_one_line_exit_2(tmp_path, tiny_models, adapters):
+    # adapter c targets embed_tokens, so PEFT saved the embedding layer beside its LoRA: equal to the base's, it merges
+    # (tests above); changed (a resized or retrained vocabulary), it is not a low-rank update
+    from safetensors.torch import save_file
+
+    changed = tmp_path / "changed"
+    shutil.copytree(adapters["c"], changed)
+    weights = load_file(changed / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("embed_tokens.base_layer.weight"))
+    weights[key] = weights[key].clone()
+    weights[key][3, 5] += 1.0
+    save_file(weights, changed / "adapter_model.safetensors", metadata={"format": "pt"})
+    path = write_recipe(tmp_path, recipe(tiny_models["base"], [changed], [1.0]))
+    for command in (("run", path, "-o", tmp_path / "out"), ("lora", "merge", path, "-o", tmp_path / "adapter")):
+        result = cli(*command)
+        assert result.exit_code == 2, result.output
+        assert "differs from the base" in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "adapter").exists()

@@ -52,6 +52,7 @@ from ..plan.merge_plan import MergePlan
 from ..plan.tensor_task import TensorTask
 
 F32, F64 = 4, 8
+CHECK_BLOCK_BYTES = 16 << 20
 METHOD = "core_space"
 
 
@@ -142,13 +143,25 @@ class CoreSpacePatch(ComputedRows):
             out[s - start:e - start] = block[s - lo:e - lo]
         return out
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
-        rows = read_rows(self.inner, start, stop)
+    def check_saved(self, rows: torch.Tensor, start: int, stop: int) -> None:
+        """A base layer an adapter saved (PEFT save_embedding_layers) must equal the base's rows."""
         for f in self.factors:
             if f.saved is not None and not torch.equal(read_rows(f.saved, start, stop).float(), rows.float()):
                 raise MergeError(f"merge_method core_space: the adapter of model '{f.model}' saves its own '{self.name}' "
                                  f"(PEFT save_embedding_layers) and it differs from the base's (a resized vocabulary?): "
                                  f"not a low-rank update of the base; merge it with task_arithmetic over BASE+ADAPTER")
+
+    def check_all_saved(self) -> None:
+        """`check_saved` over the whole tensor, in row blocks of about CHECK_BLOCK_BYTES (for the adapter output)."""
+        if any(f.saved is not None for f in self.factors):
+            step = max(1, CHECK_BLOCK_BYTES // max(1, self.inner.shape[1] * F32))
+            for start in range(0, self.inner.rows, step):
+                stop = min(self.inner.rows, start + step)
+                self.check_saved(read_rows(self.inner, start, stop), start, stop)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        rows = read_rows(self.inner, start, stop)
+        self.check_saved(rows, start, stop)
         return self.delta(start, stop).add_(rows)
 
     def origin(self) -> TensorInfo:
@@ -284,6 +297,8 @@ def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[Adapt
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MergeError(f"--out {out_dir} is a file, not a folder")
+    for patch in patches:  # before anything is written
+        patch.check_all_saved()
     out_dir.mkdir(parents=True, exist_ok=True)
     stream = AppendingWriter(out_dir / ADAPTER_WEIGHTS)
     written: list[AdapterModule] = []
