@@ -241,7 +241,7 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
     check_core_space_recipe(plan, models, plan.recipe.base_model)
     modules = {(label, m.tensor): (m.module, m.kind) for label in models for m in plan.sources[label].lora_modules}
     passthrough = get_method("passthrough")
-    out, adapted, untouched = [], 0, set()
+    out, adapted, untouched = [], {}, set()
     for task in plan.tasks:
         if task.method.name != METHOD:
             out.append(task)
@@ -251,14 +251,20 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
         if factors:
             params = {k: v for k, v in task.params.items() if k != "weight"}
             base = replace(base, patch=CoreSpacePatch(task.output.name, base, factors, weights, params))
-            adapted += 1
+            rank = sum(f.patch.a.shape[0] for f in factors)
+            adapted[task.output.name] = f"core space of {len(factors)} adapter(s), R = {rank}"
         else:
             untouched.add(task.output.name)
         out.append(TensorTask(task.output, None, (base,), (task.base_model,), {"scale": [1.0]}, passthrough))
     if not adapted:
         _refuse("no tensor carries LoRA factors of the adapters (nothing to merge)")
-    report = [{**r, "action": "copied", "from": [plan.recipe.base_model], "reason": "no adapter carries LoRA factors for it"}
-              if r.get("tensor") in untouched and r.get("action") == "merged" else r for r in plan.report]
+    report = []
+    for r in plan.report:
+        if r.get("action") == "merged" and r.get("tensor") in untouched:
+            r = {**r, "action": "copied", "from": [plan.recipe.base_model], "reason": "no adapter carries LoRA factors for it"}
+        elif r.get("action") == "merged" and r.get("tensor") in adapted:
+            r = {**r, "reason": "; ".join(filter(None, [adapted[r["tensor"]], r.get("reason")]))}
+        report.append(r)
     return replace(plan, tasks=out, report=report)
 
 
