@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .declaration import MergeContext, Tensor, WholeTensorCost, merge_method
-from .subspace import single_threaded
+from .subspace import single_threaded, tsvm
 
 F64 = torch.float64
 
@@ -44,17 +44,19 @@ def _core_workspace(shape: tuple[int, ...], models: int) -> WholeTensorCost:
 @merge_method("core_space", min_models=1, scratch=0, whole_tensor=lambda shape: len(shape) == 2, workspace=_core_workspace)
 @single_threaded
 def core_space(base: Tensor, tensors: list[Tensor], weight: list[float] = 1.0, lambda_: float = 1.0,
-               isotropize: bool = False, ctx: MergeContext | None = None) -> Tensor:
+               isotropize: bool = False, tsv: bool = False, ctx: MergeContext | None = None) -> Tensor:
     """Core Space: LoRA adapters merged in a shared R×R core space, `W0 + λ·U_B·merge(M_i)·V_Aᵀ`.
 
     Paper: Panariello, Marczak et al., *Accurate and Efficient Low-Rank Model Merging in Core
     Space*, NeurIPS 2025, arXiv 2509.17786. Inputs are LoRA adapters on one base, written
     `model: BASE+ADAPTER` (one adapter each) with `base_model: BASE`. With τ_i = s_i·B_i·A_i (s_i the
     adapter's PEFT scale): `U_B = U(svd([B_1…B_N]))`, `V_A = V(svd([A_1;…;A_N]))`,
-    `M_i = U_Bᵀ·B_i·A_i·V_A` (R×R, R = Σ r_i), `M = Σ_i w_i·M_i`, with `isotropize` every singular
-    value of M set to their mean (the paper's Iso variant), and the result `W0 + λ·U_B·M·V_Aᵀ`. Only
-    the LoRA factors are read (SVDs of the m×R and R×n stacks, float64); without `isotropize` it
-    equals task arithmetic of the adapters exactly. Tensors no adapter carries factors for are
+    `M_i = U_Bᵀ·B_i·A_i·V_A` (R×R, R = Σ r_i), `M = Σ_i w_i·M_i` (task arithmetic) or, with `tsv`,
+    TSV-M of the cores (`tsvm` on the M_i: each core's top R/N singular triplets, U and V
+    orthogonalised; needs the adapters that carry a module to share its rank), then with
+    `isotropize` every singular value of M set to their mean (the paper's Iso variant), and the
+    result `W0 + λ·U_B·M·V_Aᵀ`. Only the LoRA factors are read (SVDs of the m×R and R×n stacks,
+    float64); with neither option it equals task arithmetic of the adapters exactly. Tensors no adapter carries factors for are
     the base's. `mergeng lora merge RECIPE -o DIR` writes the same merge as one PEFT adapter
     (rank ≤ R per module) instead of a model. Refused (one line): a model that is not
     BASE+ADAPTER, stacked adapters, DoRA, LoRA biases and modules_to_save (not low-rank factors).
@@ -66,8 +68,12 @@ def core_space(base: Tensor, tensors: list[Tensor], weight: list[float] = 1.0, l
     function merges the cores (`tensors` = the M_i, `base` = a zero core); the engine builds the
     cores from the adapters and writes the result (engine/builders/core_space.py)."""
     merged = torch.zeros(base.shape, dtype=F64)
-    for w, core in zip(weight, tensors):
-        merged += w * core.to(F64)
+    if tsv and merged.ndim == 2:
+        where = ctx or MergeContext("core", 0, base.shape[0], base.shape[0])
+        merged += tsvm(torch.zeros(base.shape), [core.float() for core in tensors], where, weight, 1.0)
+    else:
+        for w, core in zip(weight, tensors):
+            merged += w * core.to(F64)
     if isotropize and merged.ndim == 2 and merged.numel():
         u, s, vh = torch.linalg.svd(merged, full_matrices=False)
         keep = int((s > numerical_floor(s, merged.shape)).sum())

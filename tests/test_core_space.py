@@ -44,6 +44,7 @@ def adapters(tiny_models, tmp_path_factory):
                           rank_pattern={"down_proj": 2}),
         "c": make_adapter(base, root / "c", 2, r=3, lora_alpha=6, target_modules=["q_proj", "embed_tokens"]),
         "dora": make_adapter(base, root / "dora", 3, r=2, lora_alpha=2, use_dora=True, target_modules=["q_proj"]),
+        "d": make_adapter(base, root / "d", 4, r=4, lora_alpha=4, target_modules=["q_proj", "o_proj"]),  # a's rank on q_proj
     }
 
 
@@ -64,7 +65,22 @@ def adapter_updates(folder) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def paper_merge(base_folder, folders, weights, lam, isotropize) -> dict[str, torch.Tensor]:
+def polar(x):
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return u @ vh
+
+
+def tsv_m(cores, weights):
+    """TSV-M (arXiv 2412.00081) of the cores: each weighted core's top R/N triplets, U and V made orthonormal."""
+    k = int(cores[0].shape[0] / len(cores))
+    parts = [torch.linalg.svd(w * c, full_matrices=False) for c, w in zip(cores, weights)]
+    u = torch.cat([p[0][:, :k] for p in parts], dim=1)
+    s = torch.cat([p[1][:k] for p in parts])
+    vh = torch.cat([p[2][:k] for p in parts], dim=0)
+    return polar(u) @ torch.diag(s) @ polar(vh)
+
+
+def paper_merge(base_folder, folders, weights, lam, isotropize, tsv=False) -> dict[str, torch.Tensor]:
     base = load_tensors(base_folder)
     updates = [adapter_updates(f) for f in folders]
     out = {k: v.clone() for k, v in base.items()}
@@ -74,7 +90,11 @@ def paper_merge(base_folder, folders, weights, lam, isotropize) -> dict[str, tor
             continue
         u_b = torch.linalg.svd(torch.cat([b for (b, _), _ in pairs], dim=1), full_matrices=False)[0]
         vh_a = torch.linalg.svd(torch.cat([a for (_, a), _ in pairs], dim=0), full_matrices=False)[2]
-        core = sum(w * (u_b.T @ (b @ a) @ vh_a.T) for (b, a), w in pairs)
+        cores = [u_b.T @ (b @ a) @ vh_a.T for (b, a), _ in pairs]
+        if tsv:
+            core = tsv_m(cores, [w for _, w in pairs])
+        else:
+            core = sum(w * c for c, (_, w) in zip(cores, pairs))
         if isotropize:
             u, s, vh = torch.linalg.svd(core, full_matrices=False)
             core = u @ torch.diag(torch.full_like(s, float(s.mean()))) @ vh
@@ -152,6 +172,23 @@ def test_one_adapter_and_task_arithmetic_are_lossless_and_chunk_independent(tmp_
         for name, (b, a) in adapter_updates(folder).items():
             expected[name] = (expected[name].double() + 0.9 * w * (b @ a)).float()
     assert_close(got, expected)
+
+
+def test_tsv_in_core_space_equals_tsv_m_of_the_papers_cores(tmp_path, tiny_models, adapters):
+    folders, weights = [adapters["a"], adapters["d"]], [1.0, 0.7]  # q_proj: both rank 4; v_proj, o_proj: one each
+    out = merge(tmp_path, recipe(tiny_models["base"], folders, weights, **{"lambda": 1.2, "tsv": True, "isotropize": True}))
+    expected = paper_merge(tiny_models["base"], folders, weights, 1.2, True, tsv=True)
+    assert_close(load_tensors(out), expected)
+    summed = paper_merge(tiny_models["base"], folders, weights, 1.2, True)
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert (summed[q] - expected[q]).abs().max() > 1e-3  # TSV-M is not the plain sum here
+
+
+def test_tsv_over_adapters_of_different_ranks_is_one_line_exit_2(tmp_path, tiny_models, adapters):
+    path = write_recipe(tmp_path, recipe(tiny_models["base"], [adapters["a"], adapters["b"]], [1.0, 1.0], tsv=True))
+    result = cli("run", path, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "must share its rank" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("models, message", [

@@ -9,7 +9,7 @@ the base as a model folder (`mergeng run`) or out as one PEFT adapter (`mergeng 
 Why a plan rewrite: the method needs the adapters' factors, which the per-tensor method interface
 (rows of full weights) does not carry; the factors are on the LoRA overlays' patches
 (engine/inputs/lora.py LoraPatch: A, B, scale, orientation). The planner still resolves every
-parameter (per-model `weight`, `lambda`, `isotropize`, filters), dtype and include/exclude as for
+parameter (per-model `weight`, `lambda`, `isotropize`, `tsv`, filters), dtype and include/exclude as for
 any method; this module then swaps each core_space task for a copy of its base tensor patched
 with the merged low-rank update, so the scheduler, executor and writer see what `lora apply` gives them.
 
@@ -18,7 +18,8 @@ Invariants:
   weight is read while planning; one tensor's factors and merged factors live only during a read.
 - Refused in one line before any weight is read: a model that is not BASE+ADAPTER on the recipe's
   base_model, stacked adapters, DoRA / LoRA bias / modules_to_save in an adapter, `slices`,
-  `calibrate`, a tokenizer section moving embedding rows. A base layer the adapter saved beside
+  `calibrate`, a tokenizer section moving embedding rows, `tsv` over adapters of different ranks
+  on one module. A base layer the adapter saved beside
   its LoRA (PEFT's save_embedding_layers) is read with the base's rows and must equal them (else
   one line, exit 2, when that tensor is read: a resized vocabulary is not a low-rank update).
 - A tensor an adapter does not touch contributes no factors (its task vector is zero); a tensor no
@@ -250,6 +251,11 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
         base = task.base
         if factors:
             params = {k: v for k, v in task.params.items() if k != "weight"}
+            ranks = [f.patch.a.shape[0] for f in factors]
+            if params.get("tsv") and len(set(ranks)) > 1:
+                _refuse(f"`tsv` keeps R/N singular directions of each adapter's core, so the adapters that carry a module "
+                        f"must share its rank; '{task.output.name}' has ranks {', '.join(map(str, ranks))} "
+                        f"(merge without tsv, or adapters of one rank)")
             base = replace(base, patch=CoreSpacePatch(task.output.name, base, factors, weights, params))
             rank = sum(f.patch.a.shape[0] for f in factors)
             adapted[task.output.name] = f"core space of {len(factors)} adapter(s), R = {rank}"
