@@ -122,3 +122,5 @@ def merge_adapters(
         table.add_row(m.module, "×".join(map(str, m.shape)), str(m.adapters), str(m.rank))
     out.print(table)
     console.print(f"[green]wrote[/green] {out_dir}: {len(modules)} LoRA module(s)", highlight=False)
+    for note in dict.fromkeys(n for m in modules for n in m.notes):
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)

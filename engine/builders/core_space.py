@@ -2,32 +2,36 @@
 the base as a model folder (`mergeng run`) or out as one PEFT adapter (`mergeng lora merge`).
 
     recipe (models: BASE+ADAPTER_i, base_model: BASE) ──► ordinary plan (parameters resolved per tensor)
-        each core_space task ──► passthrough of the base tensor read through a CoreSpacePatch (ComputedRows):
+        each core_space task ──► the base tensor read through a CoreSpacePatch (ComputedRows):
             rows [a, b) ──► W0[a:b] + (B'·A')[a:b]      B', A' = core_space_factors(adapters' factors)
         `mergeng lora merge`  ──► B', A' of every patched tensor written as adapter_model.safetensors
 
 Why a plan rewrite: the method needs the adapters' factors, which the per-tensor method interface
 (rows of full weights) does not carry; the factors are on the LoRA overlays' patches
 (engine/inputs/lora.py LoraPatch: A, B, scale, orientation). The planner still resolves every
-parameter (per-model `weight`, `lambda`, `isotropize`, `tsv`, filters), dtype and include/exclude as for
-any method; this module then swaps each core_space task for a copy of its base tensor patched
-with the merged low-rank update, so the scheduler, executor and writer see what `lora apply` gives them.
+parameter (per-model `weight`, `lambda`, `isotropize`, `tsv`, filters), dtype and include/exclude
+as for any method; `core_space_plan` (called by engine/run.py on every plan) then swaps each
+core_space task for its base tensor read through the merged low-rank update, so the scheduler,
+executor and writer see a one-input task like `lora apply` gives them.
 
 Invariants:
 - Every factor is read through read_rows from the overlays' TensorInfos (the one read path); no
-  weight is read while planning; one tensor's factors and merged factors live only during a read.
+  weight is read while planning.
 - Refused in one line before any weight is read: a model that is not BASE+ADAPTER on the recipe's
   base_model, stacked adapters, DoRA / LoRA bias / modules_to_save in an adapter, `slices`,
   `calibrate`, a tokenizer section moving embedding rows, `tsv` over adapters of different ranks
-  on one module. A base layer the adapter saved beside
-  its LoRA (PEFT's save_embedding_layers) is read with the base's rows and must equal them (else
-  one line, exit 2, when that tensor is read: a resized vocabulary is not a low-rank update).
+  on one module. A base layer an adapter saved beside its LoRA (PEFT's save_embedding_layers) is
+  compared with the base's rows as they are read and must equal them (else one line, exit 2: a
+  resized vocabulary is not a low-rank update).
 - A tensor an adapter does not touch contributes no factors (its task vector is zero); a tensor no
-  adapter touches is the base's, copied.
+  adapter touches is the base's, copied (and the report says so).
 - Deterministic and chunk-independent: the merged factors depend only on the tensor's adapters and
-  parameters (float64, fixed order); B'·A' is computed in fixed row blocks aligned to row 0, so a
-  tensor written in row chunks has the bytes of the tensor written whole. The merged factors are
-  computed once per tensor and held (the scheduler's held bytes) until its last unit has ended.
+  parameters (float64, fixed order, one thread); B'·A' is computed in fixed row blocks aligned to
+  row 0, so a tensor written in row chunks has the bytes of the tensor written whole. The merged
+  factors are computed at the tensor's first read and held (the scheduler's held bytes) until its
+  last unit has ended.
+- What the core merge says about the weights (ctx.warn, e.g. a rank-deficient core) reaches the
+  run's report through the rewritten task's method.
 - The adapter output and the into-base output use the same merged factors: PEFT's
   merge_and_unload of the adapter equals the merged model up to the output dtype's rounding.
 """
@@ -44,7 +48,8 @@ import torch
 
 from ...errors import MergeError
 from ...methods.core_space import core_space_factors
-from ...methods.registry import MergeContext, get_method
+from ...methods.declaration import declare_method
+from ...methods.registry import MergeContext, Tensor, get_method
 from ..inputs.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_PRODUCT_BLOCK_ROWS, PRODUCT_BLOCK_BYTES, ChainedPatch, LoraPatch,
                            PatchedRows, ReplacePatch)
 from ..inputs.source import ComputedRows, TensorInfo, disk_row_bytes, read_rows, stored_origin
@@ -95,6 +100,7 @@ class CoreSpacePatch(ComputedRows):
                             + (inner.patch.fixed_bytes if inner.patch is not None else 0))
         self._merged: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lock = threading.Lock()
+        self.notes: list[str] = []  # what the core merge said (ctx.warn): reported by the task's method
 
     @property
     def transposed(self) -> bool:
@@ -116,8 +122,9 @@ class CoreSpacePatch(ComputedRows):
 
         def merge(cores: list[torch.Tensor]) -> torch.Tensor:
             ctx = MergeContext(self.name, 0, cores[0].shape[0], cores[0].shape[0])
-            return method(torch.zeros(cores[0].shape, dtype=torch.float32), cores,
-                          {"weight": self.weights, **self.params}, ctx)
+            merged = method(torch.zeros(cores[0].shape, dtype=torch.float32), cores, {"weight": self.weights, **self.params}, ctx)
+            self.notes.extend(n for n in ctx.notes if n not in self.notes)
+            return merged
 
         return core_space_factors(*self.stored_factors(), merge)
 
@@ -233,6 +240,20 @@ def _factors(task: TensorTask, modules: dict[tuple[str, str], tuple[str, str]]) 
     return factors, weights
 
 
+RESULT = "core_space_update"  # the method of a rewritten task (not registered)
+
+
+def _result_method(patch: CoreSpacePatch | None):
+    """A rewritten task's method: its one input (the base rows with the merged update) as read, and what
+    the core merge said about the weights (ctx.warn: e.g. a rank-deficient core) passed on to the run."""
+    def core_space_update(tensors: list[Tensor], ctx: MergeContext) -> Tensor:
+        for note in (patch.notes if patch is not None else ()):
+            ctx.warn(note)
+        return tensors[0]
+
+    return declare_method(RESULT, core_space_update, min_models=1, max_models=1, scratch=0)
+
+
 def core_space_plan(plan: MergePlan) -> MergePlan:
     """`plan` with every core_space task made a copy of its base tensor plus the merged low-rank update."""
     tasks = [t for t in plan.tasks if t.method.name == METHOD]
@@ -241,7 +262,7 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
     models = {m for t in tasks for m in t.input_models}
     check_core_space_recipe(plan, models, plan.recipe.base_model)
     modules = {(label, m.tensor): (m.module, m.kind) for label in models for m in plan.sources[label].lora_modules}
-    passthrough = get_method("passthrough")
+    passthrough = get_method("passthrough")  # for tensors no adapter touches
     out, adapted, untouched = [], {}, set()
     for task in plan.tasks:
         if task.method.name != METHOD:
@@ -261,7 +282,10 @@ def core_space_plan(plan: MergePlan) -> MergePlan:
             adapted[task.output.name] = f"core space of {len(factors)} adapter(s), R = {rank}"
         else:
             untouched.add(task.output.name)
-        out.append(TensorTask(task.output, None, (base,), (task.base_model,), {"scale": [1.0]}, passthrough))
+        if isinstance(base.patch, CoreSpacePatch):
+            out.append(TensorTask(task.output, None, (base,), (task.base_model,), {}, _result_method(base.patch)))
+        else:
+            out.append(TensorTask(task.output, None, (base,), (task.base_model,), {"scale": [1.0]}, passthrough))
     if not adapted:
         _refuse("no tensor carries LoRA factors of the adapters (nothing to merge)")
     report = []
@@ -290,6 +314,7 @@ class AdapterModule:
     shape: tuple[int, ...]
     rank: int  # merged rank written
     adapters: int  # adapters that carry this module
+    notes: tuple[str, ...] = ()  # what the core merge said about the weights (e.g. a rank-deficient core)
 
 
 def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[AdapterModule]:
@@ -328,7 +353,7 @@ def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[Adapt
             else:
                 stream.add(f"base_model.model.{module}.lora_A.weight", a.contiguous().to(dtype))
                 stream.add(f"base_model.model.{module}.lora_B.weight", b.contiguous().to(dtype))
-            written.append(AdapterModule(module, tuple(patch.inner.shape), int(b.shape[1]), len(patch.factors)))
+            written.append(AdapterModule(module, tuple(patch.inner.shape), int(b.shape[1]), len(patch.factors), tuple(patch.notes)))
         stream.finish()
     except BaseException:
         stream.abort()
