@@ -184,6 +184,17 @@ def test_tsv_in_core_space_equals_tsv_m_of_the_papers_cores(tmp_path, tiny_model
     assert (summed[q] - expected[q]).abs().max() > 1e-3  # TSV-M is not the plain sum here
 
 
+def test_a_rank_deficient_core_is_isotropized_over_its_directions_and_said(tmp_path, tiny_models, adapters):
+    # the same adapter twice: an 8×8 core of rank 4. The official code would spread the mean over 8 directions, 4 of
+    # them arbitrary; mergeng keeps the 4 real ones (= the isotropic merge of the adapter once, weight 2) and says so
+    twin = tmp_path / "twin"
+    shutil.copytree(adapters["a"], twin)
+    out = merge(tmp_path, recipe(tiny_models["base"], [adapters["a"], twin], [1.0, 1.0], isotropize=True))
+    assert_close(load_tensors(out), paper_merge(tiny_models["base"], [adapters["a"]], [2.0], 1.0, True))
+    notes = json.loads((out / ".mergeng" / "report.json").read_text())["method_warnings"]
+    assert any("q_proj" in n and "rank 4 of 8" in n for n in notes), notes
+
+
 def test_tsv_over_adapters_of_different_ranks_is_one_line_exit_2(tmp_path, tiny_models, adapters):
     path = write_recipe(tmp_path, recipe(tiny_models["base"], [adapters["a"], adapters["b"]], [1.0, 1.0], tsv=True))
     result = cli("run", path, "-o", tmp_path / "out")
