@@ -56,6 +56,7 @@ from ..inputs.source import ComputedRows, TensorInfo, disk_row_bytes, read_rows,
 from ..output.writer import AppendingWriter
 from ..plan.merge_plan import MergePlan
 from ..plan.tensor_task import TensorTask
+from ..recipe.schema import RECIPE_DTYPES
 
 F32, F64 = 4, 8
 CHECK_BLOCK_BYTES = 16 << 20
@@ -321,7 +322,8 @@ def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[Adapt
     """Write the core_space merge of `plan` (core_space_plan) as one PEFT adapter folder; return its modules.
 
     Each module's factors: B' (out×k), A' (k×in), or lora_embedding_A = B'ᵀ, lora_embedding_B = A'ᵀ for
-    embeddings; lora_alpha = r per module (scale 1), so PEFT adds exactly B'·A'."""
+    embeddings; lora_alpha = r per module (scale 1), so PEFT adds exactly B'·A'. In the recipe's
+    `out_dtype`/`dtype` when it sets one, else in the dtype of the module's first adapter."""
     patches = core_space_patches(plan)
     if plan.recipe.merge_method != METHOD or not patches:
         raise MergeError(f"`mergeng lora merge` writes a core_space merge as an adapter; the recipe's merge_method is "
@@ -331,6 +333,7 @@ def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[Adapt
         _refuse("the adapters mix fan_in_fan_out and ordinary linear layers; one PEFT adapter cannot hold both "
                 "(write the merge into the base with `mergeng run`)")
     first = plan.sources[patches[0].factors[0].model].adapter.config
+    wanted = plan.recipe.out_dtype or plan.recipe.dtype  # the factors' dtype (default: the first adapter's)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise MergeError(f"--out {out_dir} is a file, not a folder")
@@ -342,7 +345,7 @@ def write_core_space_adapter(plan: MergePlan, out_dir: str | Path) -> list[Adapt
     try:
         for patch in patches:
             b, a = patch.compute()
-            dtype = patch.factors[0].patch.a.dtype
+            dtype = RECIPE_DTYPES[wanted] if wanted else patch.factors[0].patch.a.dtype
             module = patch.factors[0].module
             if patch.factors[0].kind == "embedding":  # stored ΔW = (B·A)ᵀ, A (r, num_embeddings), B (dim, r)
                 stream.add(f"base_model.model.{module}.lora_embedding_A", b.T.contiguous().to(dtype))
