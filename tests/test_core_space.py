@@ -237,3 +237,40 @@ def test_a_saved_embedding_layer_that_differs_from_the_base_is_one_line_exit_2(t
         assert result.exit_code == 2, result.output
         assert "differs from the base" in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "adapter").exists()
+
+
+def test_fan_in_fan_out_adapters_merge_and_round_trip_through_peft(tmp_path):
+    # GPT-2 style Conv1D (weight stored in×out): ΔW is stored transposed; task arithmetic in core space = PEFT's stacking
+    from safetensors.torch import save_file
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 24)
+            self.conv = Conv1D(20, 16)
+
+    torch.manual_seed(0)
+    weights = {k: v.detach().clone() for k, v in Toy().state_dict().items()}
+    (tmp_path / "base").mkdir()
+    save_file(weights, tmp_path / "base" / "model.safetensors")
+
+    def fresh():
+        toy = Toy()
+        toy.load_state_dict(weights)
+        return toy
+
+    for i in range(2):
+        torch.manual_seed(i + 1)
+        config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["conv"], fan_in_fan_out=True, init_lora_weights=False)
+        peft.get_peft_model(fresh(), config).save_pretrained(tmp_path / f"a{i}")
+    text = recipe(tmp_path / "base", [tmp_path / "a0", tmp_path / "a1"], [1.0, 1.0])
+    got = load_tensors(merge(tmp_path, text))
+    first = peft.PeftModel.from_pretrained(fresh(), tmp_path / "a0").merge_and_unload()
+    stacked = peft.PeftModel.from_pretrained(first, tmp_path / "a1").merge_and_unload().state_dict()
+    assert_close(got, {k: v.detach() for k, v in stacked.items()})
+    assert cli("lora", "merge", write_recipe(tmp_path, text, "a.yml"), "-o", tmp_path / "adapter").exit_code == 0
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    unloaded = peft.PeftModel.from_pretrained(fresh(), tmp_path / "adapter").merge_and_unload().state_dict()
+    assert_close({k: v.detach() for k, v in unloaded.items()}, got)
