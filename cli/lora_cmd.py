@@ -94,3 +94,33 @@ def extract(
     if report.not_representable:
         console.print(f"[yellow]warning:[/yellow] {len(report.not_representable)} tensor(s) differ but are not 2-D weights a LoRA can carry, "
                       f"e.g. {report.not_representable[0]}; add their modules with --save-module to keep them", highlight=False)
+
+
+@lora_app.command("merge")
+def merge_adapters(
+    recipe: Path = typer.Argument(..., help="A `merge_method: core_space` recipe (models: BASE+ADAPTER, base_model: BASE)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Adapter folder to write (adapter_model.safetensors + adapter_config.json)."),
+    debug: bool = DebugOption,
+):
+    """Merge LoRA adapters in their core space (arXiv 2509.17786) and write the result as one PEFT adapter.
+
+    The recipe is the one `mergeng run` takes for `merge_method: core_space`; `run` writes BASE with the merge
+    added, `lora merge` the merged update itself (rank ≤ the sum of the adapters' ranks per module).
+
+    Example: mergeng lora merge core.yml -o adapters/merged
+    """
+    from ..engine.builders.core_space import write_core_space_adapter
+    from ..engine.run import prepare
+
+    try:
+        modules = write_core_space_adapter(prepare(recipe).plan, out_dir)
+    except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
+        fail(e, debug)
+    table = Table(Column("module", overflow="fold"), "shape", "adapters", "merged rank", title="core space merge per module",
+                  title_justify="left")
+    for m in modules:
+        table.add_row(m.module, "×".join(map(str, m.shape)), str(m.adapters), str(m.rank))
+    out.print(table)
+    console.print(f"[green]wrote[/green] {out_dir}: {len(modules)} LoRA module(s)", highlight=False)
+    for note in dict.fromkeys(n for m in modules for n in m.notes):
+        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)

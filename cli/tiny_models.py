@@ -275,6 +275,7 @@ EXAMPLE_MODELS = {
     "models/tuned-a": lambda p: make_llama(p, variant=1),
     "models/tuned-b": lambda p: make_llama(p, variant=2),
     "adapters/my-lora": lambda p: make_lora_adapter(p),
+    "adapters/other-lora": lambda p: make_lora_adapter(p, rank=6, alpha=6.0, seed=1, target_modules=("q_proj", "o_proj")),
     "models/llava-base": lambda p: make_llava(p, variant=0),
     "models/llava-tuned": lambda p: make_llava(p, variant=2),
     "models/llama-finetune": lambda p: make_llama(p, variant=1),

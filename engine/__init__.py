@@ -4,7 +4,7 @@
     what was   models as   a task per  units under  worker threads  shards,       api.py: mergeng.merge/plan
     asked      headers;    output      --ram, one   run a method    journal,      graph.py: the plan's views
                read_rows   tensor      cost model   on rows         output files
-                                     builders/  (multi-stage, MoE, fill-missing, LoRA extraction: other plans)
+                                     builders/  (multi-stage, MoE, fill-missing, LoRA extraction, core space: other plans)
                                      cluster/   (the same schedule as Ray tasks)
 
 Each package opens with what it owns, what it may import and its invariants. Imports only go

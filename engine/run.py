@@ -41,6 +41,7 @@ from .recipe.load import Recipe, load_recipe
 from .schedule.scheduler import MAX_UNIT_BYTES, require_feasible
 from .inputs.source import file_stamp
 from .builders.requantize import requantize
+from .builders.core_space import core_space_plan
 from .builders.stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
 from .output.writer import DEFAULT_SHARD_SIZE, ShardWriter
 from .output.space import JOURNAL_BYTES, disk_full, is_disk_full, require_space, still_to_write
@@ -155,7 +156,7 @@ def plan_recipe(recipe: Recipe, sources: dict, *, seed: int | None = None, trunc
     if seed is not None:
         recipe.seed = seed
     refuse_mixed_architectures({label: src.config for label, src in sources.items()}, allow_crimes)
-    return build_plan(recipe, sources, truncate_vocab=truncate_vocab)
+    return core_space_plan(build_plan(recipe, sources, truncate_vocab=truncate_vocab))
 
 
 def refuse_warnings(plan: MergePlan) -> None:

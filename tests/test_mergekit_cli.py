@@ -159,7 +159,7 @@ def test_version_and_h_on_every_command():
     from mergeng import __version__
 
     assert cli("--version").output.strip() == f"mergeng {__version__}"
-    for command in ([], ["run"], ["plan"], ["moe"], ["lora"], ["lora", "apply"], ["lora", "extract"], ["demo"], ["examples"],
+    for command in ([], ["run"], ["plan"], ["moe"], ["lora"], ["lora", "apply"], ["lora", "extract"], ["lora", "merge"], ["demo"], ["examples"],
                     ["verify"], ["fill-missing"], ["methods"]):
         result = cli(*command, "-h")
         assert result.exit_code == 0 and "Usage" in result.output, (command, result.output)

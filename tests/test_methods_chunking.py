@@ -75,8 +75,9 @@ VARIANTS = [  # further modes with their own statistics
     ("ties", {"weight": [1.0, 0.6, 0.4], "density": [0.5, 0.3, 0.9]}),
     ("sce", {}),
 ]
-# methods that need 2-D tensors whole (SVD merges: never row-chunked; tests/test_methods_svd.py)
-WHOLE_TENSOR = {"tsvm", "iso_c", "iso_cts", "svc"}
+# methods that need 2-D tensors whole (SVD merges: never row-chunked; tests/test_methods_svd.py;
+# core_space's cores: tests/test_core_space.py)
+WHOLE_TENSOR = {"tsvm", "iso_c", "iso_cts", "svc", "core_space"}
 # methods whose statistics span the whole model (tests/test_methods_model_wide.py)
 MODEL_WIDE = {"pcb", "localize_stitch"}
 RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]

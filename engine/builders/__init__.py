@@ -7,6 +7,10 @@ TensorTasks), which then runs on the one scheduler, executor and writer:
 - fill_missing.py  a fine-tuned language model put back into its vision-language model
 - lora_extract.py  a PEFT adapter from a fine-tune by per-tensor SVD (the one builder that runs
                    its own loop: its outputs' shapes are known only after each SVD)
+- core_space.py    `merge_method: core_space`: LoRA adapters merged in their core space; each
+                   core_space task becomes its base tensor read through the merged low-rank
+                   update (engine/run.py calls it on every plan), or the update is written out
+                   as one PEFT adapter (`mergeng lora merge`)
 
 May import: every pipeline stage (recipe, inputs, plan, schedule, output, execute), methods/,
 architectures/, errors, version. The pipeline never imports a builder; only the entry points

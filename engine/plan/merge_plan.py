@@ -456,8 +456,9 @@ class PlanBuilder:
 
 
 def lora_rank_warnings(method: MergeMethod, sources: dict[str, ModelSource], base_model: str | None) -> list[str]:
-    """An SVD merge of a base-plus-LoRA input: its task vectors may have the adapter's low rank (unstable)."""
-    if method.whole_tensor is None:
+    """An SVD merge of a base-plus-LoRA input: its task vectors may have the adapter's low rank (unstable).
+    Not core_space: it merges the adapters' factors, never their low-rank full-size task vectors."""
+    if method.whole_tensor is None or method.name == "core_space":
         return []
     lora = [label for label, src in sources.items() if label != base_model and getattr(src, "adapter", None) is not None]
     if not lora:
