@@ -107,7 +107,7 @@ def run(
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
                intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream,
-               space_check=not no_space_check)
+               space_check=not no_space_check, trust_remote_code=trust_remote_code)
 
 
 @app.command()
@@ -125,6 +125,7 @@ def plan(
     address: Optional[str] = AddressOption,
     stream: bool = StreamOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
+    trust_remote_code: bool = mk.TrustRemoteCodeOption,
     debug: bool = DebugOption,
 ):
     """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
@@ -132,22 +133,14 @@ def plan(
     Example: mergeng plan configs/linear.yml --ram 2G --format json
     """
     from ..engine.inputs.hub import HubOptions
-    from ..engine.run import prepare
+    from ..engine.inputs.remote_code import trusting_remote_code
     from .plan_html import render_html
     from .plan_view import plan_summary, ray_summary, render_dot, render_partitions, render_text, with_estimate
 
     try:
-        ray_plan = None
-        if executor_name(executor, address) == "ray":  # partitions and memory requests from the cluster's nodes
-            from ..engine.cluster.plan import plan_on_ray
-
-            ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
-                                   address=address, strict=strict, truncate_vocab=truncate_vocab,
-                                   hub=HubOptions(transformers_cache, stream))
-            prepared = ray_plan.prepared
-        else:
-            prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
-                               strict=strict, truncate_vocab=truncate_vocab, hub=HubOptions(transformers_cache, stream))
+        with trusting_remote_code(trust_remote_code):
+            ray_plan, prepared = _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict,
+                                                   truncate_vocab, HubOptions(transformers_cache, stream))
         if fmt == "json":
             # plain JSON (rich's highlighter took 38 s on a 92k-tensor plan); a pipe or a terminal gets the same text
             print(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}, indent=2))
@@ -166,6 +159,21 @@ def plan(
         fail(e, debug)
     if not prepared.schedule.feasible:
         raise typer.Exit(1)
+
+
+def _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict, truncate_vocab, hub):
+    """`plan`'s prepared merge (and the Ray partitions with --executor ray)."""
+    from ..engine.run import prepare
+
+    ray_plan = None
+    if executor_name(executor, address) == "ray":  # partitions and memory requests from the cluster's nodes
+        from ..engine.cluster.plan import plan_on_ray
+
+        ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, hub.stream),
+                               max_unit_bytes(max_unit), address=address, strict=strict, truncate_vocab=truncate_vocab, hub=hub)
+        return ray_plan, ray_plan.prepared
+    return None, prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, hub.stream),
+                         max_unit_bytes(max_unit), strict=strict, truncate_vocab=truncate_vocab, hub=hub)
 
 
 @app.command()

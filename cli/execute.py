@@ -29,8 +29,22 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
                strict: bool = False, truncate_vocab: bool = False, max_unit: Optional[str] = None, debug: bool = False,
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
                quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
-               executor: str = "local", address: Optional[str] = None, stream: bool = False, space_check: bool = True) -> None:
-    """`mergeng run` with plain arguments (also `lora apply`'s body)."""
+               executor: str = "local", address: Optional[str] = None, stream: bool = False, space_check: bool = True,
+               trust_remote_code: bool = False) -> None:
+    """`mergeng run` with plain arguments (also `lora apply`'s body). Code a model carries runs only with
+    `trust_remote_code` (engine/inputs/remote_code.py)."""
+    from ..engine.inputs.remote_code import trusting_remote_code
+
+    with trusting_remote_code(trust_remote_code):
+        _run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
+                    strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
+                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
+                    intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream, space_check=space_check)
+
+
+def _run_recipe(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path], *, ram, shard_size, workers, fresh, seed,
+                strict, truncate_vocab, max_unit, debug, allow_crimes, copy_tokenizer, write_model_card, verbose, quiet, flags,
+                intermediate_dir, executor, address, stream, space_check) -> None:
     from ..engine.inputs.hub import HubOptions
     from ..engine.run import hub_pins, prepare, prepared_stages_on_disk
 

@@ -153,3 +153,217 @@ def test_a_real_filesystem_that_fills_mid_run(tmp_path, tiny_models):
                 == {p.name: p.read_bytes() for p in (mnt / "out").glob("*.safetensors")})
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# -- headers, indexes and configs from strangers: each defect one line naming the file ------------
+
+SHARD2 = "model-00002-of-00015.safetensors"
+NORM = "model.layers.0.input_layernorm.weight"
+
+
+def _header_text(shard) -> tuple[str, bytes]:
+    import struct
+
+    raw = shard.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return raw[8:8 + n].decode(), raw[8 + n:]
+
+
+def _write_header(shard, text: str, data: bytes) -> None:
+    import struct
+
+    body = text.encode()
+    body += b" " * (-len(body) % 8)
+    shard.write_bytes(struct.pack("<Q", len(body)) + body + data)
+
+
+def _edit_entry(key, value):
+    def edit(text):
+        header = json.loads(text)
+        header[NORM][key] = value
+        return json.dumps(header)
+    return edit
+
+
+def _metadata(value):
+    def edit(text):
+        header = json.loads(text)
+        header["__metadata__"] = value
+        return json.dumps(header)
+    return edit
+
+
+def _twice(text):  # the same tensor name twice in one JSON object: which entry is meant cannot be known
+    header = json.loads(text)
+    entry = json.dumps(header[NORM])
+    return text.rstrip()[:-1] + f', "{NORM}": {entry}}}'
+
+
+HEADER_DEFECTS = {
+    "unknown dtype": (_edit_entry("dtype", "F7"), "unknown dtype"),
+    "dtype not a string": (_edit_entry("dtype", 32), "unknown dtype"),
+    "negative dim": (_edit_entry("shape", [-64]), "not a list of whole numbers"),
+    "fractional dim": (_edit_entry("shape", [63.5]), "not a list of whole numbers"),
+    "dims as strings": (_edit_entry("shape", ["64"]), "not a list of whole numbers"),
+    "shape not a list": (_edit_entry("shape", 64), "not a list of whole numbers"),
+    "product overflows 64 bits": (_edit_entry("shape", [2**40, 2**40, 2**40]), "spans"),
+    "shape disagrees with the range": (_edit_entry("shape", [65]), "spans"),
+    "too many dims": (_edit_entry("shape", [1] * 100), "dimensions"),
+    "three offsets": (_edit_entry("data_offsets", [0, 128, 256]), "two whole numbers"),
+    "offsets as floats": (_edit_entry("data_offsets", [0.0, 256.0]), "two whole numbers"),
+    "entry is a list": (lambda t: json.dumps({**json.loads(t), NORM: [1, 2]}), "not a JSON object"),
+    "no dtype": (lambda t: json.dumps({**json.loads(t), NORM: {"shape": [64], "data_offsets": [0, 256]}}), "no dtype"),
+    "name given twice": (_twice, "given twice"),
+    "metadata values not strings": (_metadata({"format": 1}), "__metadata__"),
+    "metadata a list": (_metadata([]), "__metadata__"),
+    "metadata a string": (_metadata("pt"), "__metadata__"),
+    "nested past the parser's depth": (lambda t: t.rstrip()[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deep"),
+    "a number too long": (lambda t: t.rstrip()[:-1] + ', "x": ' + "9" * 5000 + "}", "number too long"),
+    "not UTF-8": (lambda t: t.replace("input_layernorm", "input_layern\udcff"), "not UTF-8"),
+}
+
+
+@pytest.mark.parametrize("defect", HEADER_DEFECTS)
+def test_a_defective_shard_header_is_one_line_naming_the_file(tmp_path, tiny_models, defect):
+    edit, said = HEADER_DEFECTS[defect]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    text, data = _header_text(model / SHARD2)
+    new = edit(text)
+    if "\udcff" in new:
+        body = new.encode("utf-8", "surrogateescape")
+        import struct
+
+        (model / SHARD2).write_bytes(struct.pack("<Q", len(body)) + body + data)
+    else:
+        _write_header(model / SHARD2, new, data)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert said in result.output and SHARD2 in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def _index_edit(edit):
+    def apply(model):
+        index = model / "model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        edit(data["weight_map"])
+        index.write_text(json.dumps(data))
+    return apply
+
+
+def _second_copy(model):
+    """A tensor of shard 2 also stored in shard 3: two files hold it."""
+    from safetensors.torch import load_file, save_file
+
+    third = model / "model-00003-of-00015.safetensors"
+    tensors = load_file(third)
+    tensors[NORM] = load_file(model / SHARD2)[NORM]
+    save_file(tensors, third, metadata={"format": "pt"})
+
+
+def _index_raw(text):
+    def apply(model):
+        (model / "model.safetensors.index.json").write_bytes(text(model))
+    return apply
+
+
+def _config_raw(raw: bytes):
+    def apply(model):
+        (model / "config.json").write_bytes(raw)
+    return apply
+
+
+FOLDER_DEFECTS = {
+    "index lists a missing shard": (lambda m: (m / SHARD2).unlink(), f"shard {SHARD2} listed in model.safetensors.index.json is missing"),
+    "index names a tensor its shard lacks": (_index_edit(lambda w: w.__setitem__("model.ghost.weight", SHARD2)),
+                                             "lists tensor 'model.ghost.weight'"),
+    "index names the wrong shard": (_index_edit(lambda w: w.__setitem__(NORM, "model-00003-of-00015.safetensors")), "but it is in"),
+    "a tensor in two shards": (_second_copy, "is in two files"),
+    "index gives a tensor twice": (_index_raw(lambda m: (m / "model.safetensors.index.json").read_bytes().replace(
+        b'"weight_map": {', f'"weight_map": {{"{NORM}": "{SHARD2}", '.encode())), "given twice"),
+    "index is not JSON": (_index_raw(lambda m: b"{\"weight_map\": "), "not a valid index"),
+    "index is binary": (_index_raw(lambda m: b"{\x80\x81garbage"), "not UTF-8"),
+    "index without weight_map": (_index_raw(lambda m: b"{}"), "weight_map must map"),
+    "index weight_map a list": (_index_raw(lambda m: b'{"weight_map": []}'), "weight_map must map"),
+    "config is a list": (_config_raw(b"[]"), "config.json is not valid (not a JSON object)"),
+    "config is binary": (_config_raw(b"\x89PNG\r\n"), "config.json is not valid"),
+    "config gives a key twice": (_config_raw(b'{"model_type": "llama", "model_type": "mistral"}'), "given twice"),
+    "config auto_map outside": (_config_raw(b'{"model_type": "llama", "auto_map": {"AutoConfig": "/tmp/evil.Config"}}'),
+                                "not inside the model's folder"),
+    "config auto_map up and out": (_config_raw(b'{"model_type": "llama", "auto_map": {"AutoModel": ["x--../../evil.Model", null]}}'),
+                                   "not inside the model's folder"),
+    "config auto_map not a map": (_config_raw(b'{"model_type": "llama", "auto_map": ["evil.Model"]}'), "auto_map must map"),
+}
+
+
+@pytest.mark.parametrize("defect", FOLDER_DEFECTS)
+def test_a_defective_index_or_config_is_one_line_naming_the_file(tmp_path, tiny_models, defect):
+    edit, said = FOLDER_DEFECTS[defect]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    edit(model)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert said in result.output and str(model) in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# -- code a model carries never runs unless --trust-remote-code --------------------------------
+
+def _model_with_code(tmp_path, tiny_models, marker):
+    """A model whose tokenizer_config.json and config.json name code that would write `marker` when imported."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    for module in ("tokenization_evil", "configuration_evil"):
+        (model / f"{module}.py").write_text(f"open({str(marker)!r}, 'a').write({module!r})\n"
+                                            "from transformers import PreTrainedTokenizerFast, LlamaConfig\n"
+                                            "class EvilTokenizer(PreTrainedTokenizerFast): pass\n"
+                                            "class EvilConfig(LlamaConfig): pass\n")
+    tok = json.loads((model / "tokenizer_config.json").read_text())
+    tok.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]})
+    (model / "tokenizer_config.json").write_text(json.dumps(tok))
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig"}
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def test_code_a_model_carries_never_runs_without_trust_remote_code(tmp_path, tiny_models):
+    marker = tmp_path / "ran.txt"
+    model = _model_with_code(tmp_path, tiny_models, marker)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['a']}\n    parameters: {{weight: 0.5}}\n"
+                                    "tokenizer_source: base\nchat_template: chatml\n")
+    for args in (("plan", recipe), ("run", recipe, "-o", tmp_path / "out")):
+        result = cli(*args)
+        assert result.exit_code == 2 and "cannot load its tokenizer" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not marker.exists()
+    # the same model with the user's word: transformers runs its code (so the test above can fail)
+    result = cli("plan", recipe, "--trust-remote-code")
+    assert marker.exists() and "tokenization_evil" in marker.read_text(), result.output
+
+
+def test_custom_code_files_are_copied_never_run(tmp_path, tiny_models):
+    marker = tmp_path / "ran.txt"
+    model = _model_with_code(tmp_path, tiny_models, marker)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nbase_model: {model}\nmodels:\n  - model: {model}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['a']}\n    parameters: {{weight: 0.5}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "configuration_evil.py").exists() and not marker.exists()
+
+
+def test_a_tokenizer_config_naming_code_outside_the_donor_is_refused(tmp_path, tiny_models):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    tok = json.loads((model / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["../../evil_tok.Tokenizer", None]}
+    (model / "tokenizer_config.json").write_text(json.dumps(tok))
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "tokenizer_config.json" in result.output and "not inside the model's folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -1,7 +1,9 @@
 """The non-weight files of a merged model folder: config, tokenizer, model card, recipe.
 
 A config with `auto_map` names custom modeling code: the donor's `*.py` files are copied next
-to it, or the output would not load (build_plan warns about it).
+to it, or the output would not load (build_plan warns about it). The code is copied, never run;
+the names an auto_map gives were checked to lie inside the donor's folder when its config.json
+and tokenizer_config.json were read (engine/inputs/source.py refuse_outside_code).
 
 Tokenizer: with a tokenizer configuration (plan.vocabulary, engine/plan/tokenizer_merge.py) the
 output tokenizer is saved with transformers' `save_pretrained`; without one the donor's
@@ -17,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..inputs.paths import tokenizer_folder
+from ..inputs.source import parse_json, refuse_outside_code
 from ..plan.hub_inputs import input_identity
 from ..plan.merge_plan import MergePlan
 
@@ -32,7 +35,16 @@ OUTPUT_FILES = ("config.json", "README.md", "mergeng_recipe.yml", "model.safeten
 
 
 def tokenizer_donor(plan: MergePlan) -> Path:
-    """Folder whose tokenizer and generation files are copied: tokenizer_source, else base, else first."""
+    """Folder whose tokenizer and generation files are copied: tokenizer_source, else base, else first.
+    The code its tokenizer_config.json's auto_map names must lie inside it (it is copied as it is)."""
+    donor = _tokenizer_donor(plan)
+    config = donor / "tokenizer_config.json"
+    if config.is_file():
+        refuse_outside_code(parse_json(config.read_bytes(), f"tokenizer donor: {config} is not valid"), config)
+    return donor
+
+
+def _tokenizer_donor(plan: MergePlan) -> Path:
     choice = plan.recipe.tokenizer_source or (plan.recipe.tokenizer.source if plan.recipe.tokenizer else None)
     if choice in (None, "base", "union"):
         return plan.sources[plan.config_donor].path
