@@ -331,7 +331,7 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
     """Run the unfinished units in this process: worker threads under the budget (engine/execute/executor.py)."""
     tune_allocator()
     executor = Executor(prepared.plan.tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress,
-                        NonFinite(prepared.strict))
+                        NonFinite(prepared.strict, earlier=journal.nonfinite()))  # a resumed run adds to its recorded counts
     try:
         executor.run(finished)
     finally:

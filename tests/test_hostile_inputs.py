@@ -109,11 +109,11 @@ def test_a_journal_commit_on_a_full_disk_is_one_line_and_the_same_command_resume
     assert cli("run", recipe, "-o", tmp_path / "ref", "--max-unit", "8K").exit_code == 0
     real, calls = Journal.record, {"n": 0}
 
-    def full_after_some(self, chunks):
+    def full_after_some(self, chunks, *counts):
         calls["n"] += 1
         if calls["n"] >= 1:  # the commit finds the disk full (a merge this small commits once, at its end)
             raise sqlite3.OperationalError("database or disk is full")
-        return real(self, chunks)
+        return real(self, chunks, *counts)
 
     with monkeypatch.context() as m:
         m.setattr(Journal, "record", full_after_some)
@@ -367,3 +367,58 @@ def test_a_tokenizer_config_naming_code_outside_the_donor_is_refused(tmp_path, t
     result = cli("run", recipe, "-o", tmp_path / "out")
     assert result.exit_code == 2 and "tokenizer_config.json" in result.output and "not inside the model's folder" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def _with_nans_everywhere(tmp_path, tiny_models):
+    """Model 'a' with NaN and Inf planted in tensors from the first shard to the last (so an interrupted run has
+    counted some in chunks it recorded, some in chunks it had not), several in one tensor's different rows."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-model"
+    shutil.copytree(tiny_models["a"], model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    planted = {"model.embed_tokens.weight": [(0, 1), (200, 3), (255, 7)], "model.layers.0.mlp.up_proj.weight": [(5, 5)],
+               "model.layers.2.self_attn.q_proj.weight": [(1, 1), (40, 2)], "lm_head.weight": [(100, 0), (101, 0)]}
+    for name, where in planted.items():
+        tensors = load_file(model / index[name])
+        for k, (r, c) in enumerate(where):
+            tensors[name][r % tensors[name].shape[0], c] = float("nan") if k % 2 == 0 else float("-inf")
+        save_file(tensors, model / index[name], metadata={"format": "pt"})
+    return model
+
+
+@pytest.mark.parametrize("resume_unit", ["4K", "64K"])
+def test_non_finite_counts_of_a_resumed_run_equal_an_uninterrupted_runs(tmp_path, tiny_models, monkeypatch, resume_unit):
+    """Interrupted after some commits (a full disk at the 4th), then resumed (with the same chunking, or coarser
+    chunks that straddle what was recorded): report.json counts every NaN/Inf once, as a run that never stopped."""
+    import sqlite3
+
+    import mergeng.engine.execute.executor as executor
+    from mergeng.engine.output.journal import Journal
+
+    model = _with_nans_everywhere(tmp_path, tiny_models)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['b']}\n    parameters: {{weight: 0.5}}\n")
+    assert cli("run", recipe, "-o", tmp_path / "ref", "--max-unit", "4K").exit_code == 0
+    expected = json.loads((tmp_path / "ref" / ".mergeng" / "report.json").read_text())["nonfinite"]
+    assert sum(expected["outputs"].values()) == 8 and sum(expected["inputs"][str(model)].values()) == 8
+    real, calls = Journal.record, {"n": 0}
+
+    def full_at_the_fourth(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(executor, "COMMIT_INTERVAL_S", -1)  # every unit commits: the stop falls between commits
+        m.setattr(Journal, "record", full_at_the_fourth)
+        stopped = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", "4K", "--workers", "1")
+    assert stopped.exit_code == 1 and "is full" in stopped.output, stopped.output
+    with sqlite3.connect(tmp_path / "out" / ".mergeng" / "journal.sqlite") as db:
+        assert db.execute("SELECT SUM(count) FROM nonfinite").fetchone()[0], "the first run recorded some counts"
+    again = cli("run", recipe, "-o", tmp_path / "out", "--max-unit", resume_unit)
+    assert again.exit_code == 0 and "(resumed)" in again.output, again.output
+    assert json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())["nonfinite"] == expected
+    assert ({p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.safetensors")}
+            == {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.safetensors")})

@@ -42,7 +42,7 @@ from ..plan.merge_plan import TensorTask
 from ..schedule.scheduler import RUNTIME_OVERHEAD, Schedule, WorkUnit
 from ..inputs.source import ComputedRows, aligned_stored_inputs, read_rows
 from ..plan.statistics import TensorStatistics
-from .nonfinite import NonFinite
+from .nonfinite import NonFinite, fresh_rows
 from .tensor_rows import apply_method, read_inputs, statistics_partial
 from ..output.writer import ShardWriter
 
@@ -161,13 +161,14 @@ class Executor:
         self.rss_waits = 0
         self._prefetch_fds: dict = {}
         self._statistics: dict[int, TensorStatistics] = {}  # chunked tensors whose units are running
+        self._covered: dict[str, list[tuple[int, int]]] = {}  # rows recorded before this run, by output tensor
 
     def run(self, finished: dict[tuple[str, int, int], int]) -> None:
         with intra_op_threads(self.schedule.workers):
             self._run(finished)
 
     def _run(self, finished: dict[tuple[str, int, int], int]) -> None:
-        covered = covered_ranges(finished)
+        covered = self._covered = covered_ranges(finished)  # rows earlier runs recorded (and counted NaN/Inf in)
         units = [u for u in self.schedule.units if not self._skip(u, covered)]
         self.units_run = len(units)
         first: dict[int, int] = {}  # task -> index of its first unit in this run
@@ -213,7 +214,7 @@ class Executor:
         threads = [threading.Thread(target=worker, name=f"merge-worker-{i}", daemon=True) for i in range(self.schedule.workers)]
         for t in threads:
             t.start()
-        pending: list[tuple[str, int, int, int]] = []
+        pending: list[tuple[str, int, int, int, list]] = []  # written chunks to record: (tensor, start, stop, crc, NaN/Inf counts)
         last_commit = time.monotonic()
         error: BaseException | None = None
         outstanding = len(units)
@@ -229,8 +230,8 @@ class Executor:
                 if exc is not None:
                     error = error or exc
                     continue
-                if result is not None:  # an apply unit: (tensor, start, stop, crc, bytes)
-                    pending.append(result[:4])
+                if result is not None:  # an apply unit: (tensor, start, stop, crc, bytes, NaN/Inf counts)
+                    pending.append(result[:4] + result[5:])
                     self.on_progress(result[4])
                 if pending and (time.monotonic() - last_commit > COMMIT_INTERVAL_S):
                     self._commit(pending, remaining)
@@ -276,7 +277,7 @@ class Executor:
             except queue.Empty:
                 return
             if exc is None and result is not None:
-                pending.append(result[:4])
+                pending.append(result[:4] + result[5:])
 
     def _skip(self, unit: WorkUnit, covered: dict[str, list[tuple[int, int]]]) -> bool:
         """Apply units whose rows are recorded; statistics units of tensors that are wholly recorded."""
@@ -320,10 +321,12 @@ class Executor:
                 if self.stopping.is_set():
                     admission.loaded(unit.live_bytes)
                     return None
+        # rows no earlier run recorded: NaN/Inf in the others were counted and recorded with their chunks
+        fresh = fresh_rows(unit.row_start, unit.row_stop, self._covered.get(task.output.name, []))
         if is_apply and is_plain_copy(task):
             out = read_rows(task.inputs[0], unit.row_start, unit.row_stop)
             admission.loaded(unit.live_bytes)
-            self.nonfinite.check_inputs(task, None, [out], unit.row_start)
+            counts = self.nonfinite.check_inputs(task, None, [out], unit.row_start, fresh)
         else:
             try:
                 base, inputs = read_inputs(task, unit.row_start, unit.row_stop)
@@ -334,15 +337,17 @@ class Executor:
                            statistics_partial(task, unit.pass_index, base, inputs, unit.row_start, unit.row_stop,
                                               self.seed, state.stats))
                 return None
-            self.nonfinite.check_inputs(task, base, inputs, unit.row_start)
+            counts = self.nonfinite.check_inputs(task, base, inputs, unit.row_start, fresh)
             out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
                                None if state is None else state.stats)
             del base, inputs
-        self.nonfinite.check_output(task.output.name, out, unit.row_start)
+        written = self.nonfinite.check_output(task.output.name, out, unit.row_start, fresh)
+        if written:
+            counts = counts + [(None, task.output.name, written)]
         raw = out.contiguous().view(-1).view(torch.uint8).numpy() if out.numel() else b""
         crc = zlib.crc32(raw)
         self.writer.write_rows(task.output.name, unit.row_start, out)
-        return (task.output.name, unit.row_start, unit.row_stop, crc, out.numel() * out.element_size())
+        return (task.output.name, unit.row_start, unit.row_stop, crc, out.numel() * out.element_size(), counts)
 
     def _commit(self, pending: list, remaining: dict[str, int]) -> None:
         """fdatasync the shards written since the last commit, then record their chunks."""
@@ -351,7 +356,8 @@ class Executor:
         layout = self.writer.layout
         for file_name in {layout.shard_of[t].file_name for t, *_ in pending}:
             self.writer.sync_file(file_name)
-        self.journal.record(pending)
+        self.journal.record([chunk[:4] for chunk in pending],
+                            [(t, a, b, model, name, n) for t, a, b, _, counts in pending for model, name, n in counts])
         for t, *_ in pending:
             remaining[layout.shard_of[t].file_name] -= 1
         pending.clear()

@@ -8,6 +8,10 @@
                                         output layout (see run.fingerprint)
     chunks(tensor, row_start, row_stop, crc32)
                                         one row per finished row range of an output tensor
+    nonfinite(tensor, row_start, row_stop, model, input, count)
+                                        NaN/Inf met while computing a recorded chunk: `count`
+                                        values in tensor `input` of `model`, or in the output
+                                        tensor itself (model NULL); recorded in the chunk's commit
 
 A chunk is recorded only after its bytes were pwritten and the shard fdatasync'd, so every
 recorded chunk is on disk whatever happens next (kill -9, power loss). A resumed run skips
@@ -52,6 +56,8 @@ class Journal:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS chunks (tensor TEXT, row_start INTEGER, row_stop INTEGER, crc32 INTEGER, PRIMARY KEY (tensor, row_start, row_stop))")
+        self.db.execute("CREATE TABLE IF NOT EXISTS nonfinite (tensor TEXT, row_start INTEGER, row_stop INTEGER, model TEXT, "
+                        "input TEXT, count INTEGER)")
         self.db.commit()
 
     def fingerprint(self) -> dict | None:
@@ -62,6 +68,7 @@ class Journal:
         """A fresh run: forget every chunk, record the fingerprint."""
         with self.db:
             self.db.execute("DELETE FROM chunks")
+            self.db.execute("DELETE FROM nonfinite")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint, sort_keys=True),))
 
     def finished_chunks(self) -> dict[tuple[str, int, int], int]:
@@ -70,16 +77,33 @@ class Journal:
     def forget(self, tensors: list[str]) -> None:
         with self.db:
             self.db.executemany("DELETE FROM chunks WHERE tensor=?", [(t,) for t in tensors])
+            self.db.executemany("DELETE FROM nonfinite WHERE tensor=?", [(t,) for t in tensors])
 
-    def record(self, chunks: list[tuple[str, int, int, int]]) -> None:
-        """Record chunks whose bytes are already durable; a commit that fails records none of them."""
+    def record(self, chunks: list[tuple[str, int, int, int]],
+               nonfinite: list[tuple[str, int, int, str | None, str, int]] = ()) -> None:
+        """Record chunks whose bytes are already durable, with the non-finite values their computation met
+        (tensor, row_start, row_stop, model or None for the output, input tensor, count); a commit that
+        fails records none of them."""
         try:
             with self.db:
                 self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)", chunks)
+                self.db.executemany("INSERT INTO nonfinite VALUES (?, ?, ?, ?, ?, ?)", nonfinite)
         except (sqlite3.OperationalError, OSError) as e:
             if is_disk_full(e):
                 raise disk_full(self.dir) from None
             raise
+
+    def nonfinite(self) -> dict:
+        """The recorded chunks' non-finite counts, as NonFinite.figures() gives them."""
+        inputs: dict[str, dict[str, int]] = {}
+        outputs: dict[str, int] = {}
+        for model, name, count in self.db.execute("SELECT model, input, SUM(count) FROM nonfinite GROUP BY model, input "
+                                                  "ORDER BY model, input"):
+            if model is None:
+                outputs[name] = count
+            else:
+                inputs.setdefault(model, {})[name] = count
+        return {"inputs": inputs, "outputs": outputs}
 
     def close(self) -> None:
         self.db.close()
