@@ -23,7 +23,7 @@ import typer
 from ..errors import MergeError
 from . import mergekit_options as mk
 from .console import console, fail, out
-from .execute import execute, run_recipe
+from .execute import execute, output_folder, run_recipe
 from .lora_cmd import lora_app
 from .moe_cmd import moe
 from .options import (HELP_OPTIONS, AddressOption, DebugOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
@@ -126,9 +126,11 @@ def plan(
     stream: bool = StreamOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
     trust_remote_code: bool = mk.TrustRemoteCodeOption,
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where `run` will write (default: as run's, ./merged/<recipe stem>): "
+                                           "the plan shows the free space there against the output's size."),
     debug: bool = DebugOption,
 ):
-    """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
+    """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM, disk space.
 
     Example: mergeng plan configs/linear.yml --ram 2G --format json
     """
@@ -141,16 +143,17 @@ def plan(
         with trusting_remote_code(trust_remote_code):
             ray_plan, prepared = _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict,
                                                    truncate_vocab, HubOptions(transformers_cache, stream))
+        target = output_folder(recipe, None, out_dir)
         if fmt == "json":
             # plain JSON (rich's highlighter took 38 s on a 92k-tensor plan); a pipe or a terminal gets the same text
-            print(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}, indent=2))
+            print(json.dumps({**plan_summary(prepared, target), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}, indent=2))
         elif fmt == "dot":
             print(render_dot(prepared))
         elif fmt == "html":
-            summary, predicted = with_estimate(prepared, plan_summary(prepared))
+            summary, predicted = with_estimate(prepared, plan_summary(prepared, target))
             print(render_html(prepared, summary, predicted, profile))
         elif fmt == "text":
-            render_text(prepared, out)
+            render_text(prepared, out, target)
             if ray_plan:
                 render_partitions(ray_plan, out)
         else:

@@ -85,7 +85,7 @@ def _run_recipe(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path],
         if verbose:
             from .plan_view import render_text
 
-            render_text(prepared, console)
+            render_text(prepared, console, target)
         execute(prepared, target, fresh, quiet=quiet, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
                 space_check=space_check)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)

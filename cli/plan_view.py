@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -13,6 +14,7 @@ from ..architectures.layout import find_layer_stacks, parse_layer_name
 from ..engine.graph import build_graph
 from ..engine.inputs.lora import lora_summary
 from ..engine.schedule.memory import format_size
+from ..engine.output.space import space_figures
 from ..engine.plan.hub_inputs import hub_inputs
 from ..engine.plan.output_config import config_changes
 from ..engine.execute.prepared import Prepared
@@ -21,9 +23,11 @@ from ..engine.builders.stages import computations, held_intermediates, leaf_sour
 from .lora_view import render_lora
 
 
-def plan_summary(prepared: Prepared) -> dict:
+def plan_summary(prepared: Prepared, out_dir: Path | None = None) -> dict:
+    """The plan as JSON-ready figures; with `out_dir`, the disk space the merge needs where it goes (and in the
+    HF cache for Hub inputs) against the free space there (`disk`)."""
     s, plan = prepared.schedule, prepared.plan
-    return {
+    return {**({"disk": _disk_summary(prepared, out_dir)} if out_dir is not None else {}),
         "feasible": s.feasible,
         "peak_ram_bytes": s.predicted_peak,
         "ram_budget_bytes": s.budget,
@@ -51,6 +55,11 @@ def plan_summary(prepared: Prepared) -> dict:
         "quantized": [{"model": label, "format": src.quantization.name, "tensors": src.quantization.tensors}
                       for label, src in plan.sources.items() if getattr(src, "quantization", None) is not None],
     }
+
+
+def _disk_summary(prepared: Prepared, out_dir: Path) -> dict:
+    hub = hub_inputs(prepared.plan)
+    return space_figures(out_dir, prepared.layout.shards, sum(h.fetch_bytes for h in hub), hub[0].snapshot.path if hub else None)
 
 
 def _hub_summary(prepared: Prepared) -> list[dict]:
@@ -87,8 +96,8 @@ def with_estimate(prepared: Prepared, summary: dict) -> tuple[dict, list]:
     return {**summary, "estimated_seconds": round(seconds, 2)}, points
 
 
-def render_text(prepared: Prepared, console: Console) -> None:
-    summary, _ = with_estimate(prepared, plan_summary(prepared))
+def render_text(prepared: Prepared, console: Console, out_dir: Path | None = None) -> None:
+    summary, _ = with_estimate(prepared, plan_summary(prepared, out_dir))
     plan = prepared.plan
     console.print(f"[bold]merge[/bold] {plan.recipe.merge_method} of {len(plan.sources)} models → {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
     inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")
@@ -142,6 +151,12 @@ def render_text(prepared: Prepared, console: Console) -> None:
         layers.add_row(f"... {len(groups) - 12} more", "", "", "")
     console.print(layers)
     console.print(f"read {format_size(summary['read_bytes'])}, write {format_size(summary['write_bytes'])}")
+    for key, what in (("output", "output"), ("cache", "Hub fetches into the HF cache")):
+        place = summary.get("disk", {}).get(key)
+        if place:
+            verdict = "[green]fits[/green]" if place["fits"] else "[red]does not fit[/red] (run refuses it; --no-space-check to try anyway)"
+            console.print(f"disk: {what} needs {format_size(place['needed_bytes'])} in {escape(place['folder'])}, "
+                          f"{format_size(place['free_bytes'])} free on {escape(place['filesystem'])}: {verdict}", highlight=False)
     verdict = "[green]fits[/green]" if summary["feasible"] else f"[red]does not fit[/red] (smallest budget that works: {format_size(summary['min_ram_bytes'])})"
     console.print(f"predicted peak RAM {format_size(summary['peak_ram_bytes'])} of {format_size(summary['ram_budget_bytes'])} budget "
                   f"(baseline {format_size(summary['baseline_bytes'])}): {verdict}")

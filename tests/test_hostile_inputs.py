@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -422,3 +423,25 @@ def test_non_finite_counts_of_a_resumed_run_equal_an_uninterrupted_runs(tmp_path
     assert json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())["nonfinite"] == expected
     assert ({p.name: p.read_bytes() for p in (tmp_path / "ref").glob("*.safetensors")}
             == {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.safetensors")})
+
+
+def test_plan_states_the_output_size_and_the_free_space_where_it_goes(tmp_path, tiny_models, monkeypatch):
+    import shutil as sh
+
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n    parameters: {{weight: 1.0}}\n")
+    result = cli("plan", recipe, "--format", "json", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    disk = json.loads(result.output)["disk"]
+    shards = sum(s["bytes"] for s in json.loads(result.output)["shards"])
+    assert set(disk) == {"output"} and disk["output"]["folder"] == str(tmp_path / "out")
+    assert disk["output"]["needed_bytes"] > shards and disk["output"]["fits"]
+    assert disk["output"]["free_bytes"] == sh.disk_usage(tmp_path).free or abs(disk["output"]["free_bytes"] - sh.disk_usage(tmp_path).free) < 1 << 24
+    text = cli("plan", recipe, "-o", tmp_path / "out")
+    assert "disk: output needs" in text.output and str(tmp_path / "out") in text.output and "fits" in text.output
+    real = sh.disk_usage
+    monkeypatch.setattr(sh, "disk_usage", lambda p: real(p)._replace(free=10_000))
+    full = cli("plan", recipe, "-o", tmp_path / "out")
+    said = " ".join(full.output.split())
+    assert full.exit_code == 0 and "9.77 KiB free" in said and "does not fit (run refuses it; --no-space-check" in said, said
+    default = cli("plan", recipe, "--format", "json")  # without -o: where `run` would write, ./merged/<recipe stem>
+    assert json.loads(default.output)["disk"]["output"]["folder"] == str(Path("merged") / "recipe")
