@@ -445,3 +445,73 @@ def test_plan_states_the_output_size_and_the_free_space_where_it_goes(tmp_path, 
     assert full.exit_code == 0 and "9.77 KiB free" in said and "does not fit (run refuses it; --no-space-check" in said, said
     default = cli("plan", recipe, "--format", "json")  # without -o: where `run` would write, ./merged/<recipe stem>
     assert json.loads(default.output)["disk"]["output"]["folder"] == str(Path("merged") / "recipe")
+
+
+def _fail_on_call(real, n: int, error: BaseException, when=lambda *a, **k: True):
+    """`real`, except that its n-th call for which `when(args)` holds raises `error`."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        if when(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise error
+        return real(*args, **kwargs)
+    return wrapper
+
+
+def _full(code=None):
+    import errno
+    import os
+
+    code = code or errno.ENOSPC
+    return OSError(code, os.strerror(code))
+
+
+def _write_sites():
+    import errno
+    import os
+    import sqlite3
+    from pathlib import Path as P
+
+    import mergeng.engine.output.files as files
+    from mergeng.engine.output.journal import Journal
+    from mergeng.engine.output.writer import ShardWriter
+
+    named = lambda name: (lambda self, *a, **k: P(self).name == name)  # noqa: E731
+    return {
+        "shard pwrite": (os, "pwrite", _fail_on_call(os.pwrite, 9, _full())),
+        "shard pwrite, quota": (os, "pwrite", _fail_on_call(os.pwrite, 9, _full(errno.EDQUOT))),
+        "fdatasync": (os, "fdatasync", _fail_on_call(os.fdatasync, 1, _full())),
+        "shard fsync": (os, "fsync", _fail_on_call(os.fsync, 1, _full())),
+        "journal commit": (Journal, "record", _fail_on_call(Journal.record, 1, sqlite3.OperationalError("database or disk is full"))),
+        "index": (ShardWriter, "write_index", _fail_on_call(ShardWriter.write_index, 1, _full())),
+        "config": (P, "write_text", _fail_on_call(P.write_text, 1, _full(), named("config.json"))),
+        "tokenizer files": (files.shutil, "copyfile", _fail_on_call(files.shutil.copyfile, 1, _full(),
+                                                                     lambda src, dst, **k: P(dst).name == "tokenizer.json")),
+        "report": (P, "write_text", _fail_on_call(P.write_text, 1, _full(), named("report.json"))),
+    }
+
+
+def _folder_bytes(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("site", list(_write_sites()))
+def test_a_full_disk_at_each_write_site_is_one_line_and_the_rerun_is_byte_identical(tmp_path, tiny_models, monkeypatch, site):
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny_models['a']}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['b']}\n    parameters: {{weight: 0.5}}\n")
+    args = ("--max-unit", "16K", "--shard-size", "200K", "--workers", "1")
+    assert cli("run", recipe, "-o", tmp_path / "ref", *args).exit_code == 0
+    target, name, failing = _write_sites()[site]
+    with monkeypatch.context() as m:
+        m.setattr(target, name, failing)
+        result = cli("run", recipe, "-o", tmp_path / "out", *args)
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "is full" in said and "run the same command again to resume" in said and str(tmp_path / "out") in said, said
+    assert "internal error" not in said and len(result.output.strip().splitlines()) == 1
+    again = cli("run", recipe, "-o", tmp_path / "out", *args)
+    assert again.exit_code == 0 and "(resumed)" in again.output, again.output
+    assert _folder_bytes(tmp_path / "out") == _folder_bytes(tmp_path / "ref")
+    assert cli("verify", tmp_path / "out").exit_code == 0
