@@ -515,3 +515,32 @@ def test_a_full_disk_at_each_write_site_is_one_line_and_the_rerun_is_byte_identi
     assert again.exit_code == 0 and "(resumed)" in again.output, again.output
     assert _folder_bytes(tmp_path / "out") == _folder_bytes(tmp_path / "ref")
     assert cli("verify", tmp_path / "out").exit_code == 0
+
+
+@pytest.mark.parametrize("key,value", [("tokenizer_file", "../../secret.json"), ("vocab_file", "/home/someone/.ssh/id_rsa"),
+                                       ("merges_file", "https://example.com/merges.txt"),
+                                       ("fast_tokenizer_files", ["tokenizer.4.0.json", "../x/tokenizer.9.0.json"])])
+def test_a_tokenizer_config_naming_a_file_outside_the_donor_is_refused(tmp_path, tiny_models, key, value):
+    """Older transformers open a tokenizer_config.json's *_file values as written; the rule keeps them inside."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    tok = json.loads((model / "tokenizer_config.json").read_text())
+    tok[key] = value
+    (model / "tokenizer_config.json").write_text(json.dumps(tok))
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "tokenizer_config.json" in said and "not inside the model's folder" in said, said
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_special_tokens_map_file_left_from_the_authors_machine_is_no_obstacle(tmp_path, tiny_models):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    tok = json.loads((model / "tokenizer_config.json").read_text())
+    tok["special_tokens_map_file"] = "/home/author/.cache/huggingface/special_tokens_map.json"  # never opened by transformers
+    (model / "tokenizer_config.json").write_text(json.dumps(tok))
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n"
+                                    "tokenizer_source: base\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output

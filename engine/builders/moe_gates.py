@@ -33,7 +33,7 @@ from ...errors import MergeError
 from ..schedule.memory import tune_allocator, trim_heap
 from ..schedule.cost_model import layer_pass_bytes, require_work_fits
 from ..inputs.remote_code import remote_code_trusted
-from ..inputs.source import ModelSource, TensorInfo, read_rows
+from ..inputs.source import ModelSource, TensorInfo, read_rows, refuse_outside_tokenizer_files
 
 EMBED = "model.embed_tokens.weight"
 LAYER = "model.layers.{i}."
@@ -123,6 +123,7 @@ def tokenize(base: ModelSource, prompts: list[str], mode: str) -> dict[str, list
         from transformers import AutoTokenizer
     except ImportError:
         raise MergeError(f"gate_mode {mode} needs transformers to tokenize prompts: pip install 'mergeng[moe]'") from None
+    refuse_outside_tokenizer_files(base.path, f"base model '{base.label}'")
     try:
         tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=remote_code_trusted())
     except Exception as e:  # noqa: BLE001  (any loader failure is the user's folder)

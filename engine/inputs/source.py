@@ -427,24 +427,49 @@ def _read_bytes(path: Path) -> bytes:
         raise MergeError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def refuse_outside_code(config: dict, listed_in: Path) -> None:
-    """An `auto_map` (config.json, tokenizer_config.json) names custom code as `module.Class`, optionally
-    `repo--module.Class`, each a file `module.py` that transformers would load from the model's folder:
-    by `refuse_outside_name`'s rule it must be inside it (an auto_map naming `/tmp/x.Model` would
-    reach /tmp/x.py). The code is never run by mergeng; this keeps the copy it writes honest."""
+# tokenizer_config.json keys naming a file that a transformers older than its CWE-22 fix opens as written
+# (it let the config's value win over the file found in the folder); special_tokens_map_file is never opened
+# from the config (transformers pops it first) and is often a path on the author's machine: not checked.
+UNCHECKED_FILE_KEYS = {"special_tokens_map_file"}
+
+
+def refuse_outside_code(config: dict, listed_in: Path, tokenizer: bool = False) -> None:
+    """The file names a config gives, by `refuse_outside_name`'s rule (inside the model's folder):
+    - `auto_map` (config.json, tokenizer_config.json) names custom code as `module.Class`, optionally
+      `repo--module.Class`, each a file `module.py` transformers would load from the folder (an auto_map
+      naming `/tmp/x.Model` would reach /tmp/x.py). mergeng never runs it (engine/inputs/remote_code.py);
+      this keeps what it copies honest;
+    - with `tokenizer`: `fast_tokenizer_files` and every `*_file` value (vocab_file, merges_file,
+      tokenizer_file, ...), which transformers may open."""
     auto_map = config.get("auto_map")
-    if auto_map is None:
+    if auto_map is not None:
+        if not isinstance(auto_map, dict):
+            raise MergeError(f"{listed_in}: auto_map must map class names to code references; get the model again")
+        for key, value in auto_map.items():
+            for reference in value if isinstance(value, list) else [value]:
+                if reference is None:
+                    continue
+                if not isinstance(reference, str):
+                    raise MergeError(f"{listed_in}: auto_map '{key}' is not a code reference (module.Class); get the model again")
+                module = reference.split("--")[-1].rpartition(".")[0]
+                refuse_outside_name(module + ".py", listed_in)
+    if not tokenizer:
         return
-    if not isinstance(auto_map, dict):
-        raise MergeError(f"{listed_in}: auto_map must map class names to code references; get the model again")
-    for key, value in auto_map.items():
-        for reference in value if isinstance(value, list) else [value]:
-            if reference is None:
-                continue
-            if not isinstance(reference, str):
-                raise MergeError(f"{listed_in}: auto_map '{key}' is not a code reference (module.Class); get the model again")
-            module = reference.split("--")[-1].rpartition(".")[0]
-            refuse_outside_name(module + ".py", listed_in)
+    fast = config.get("fast_tokenizer_files") or []
+    for name in fast if isinstance(fast, list) else [fast]:
+        if isinstance(name, str):
+            refuse_outside_name(name, listed_in)
+    for key, name in config.items():
+        if key.endswith("_file") and key not in UNCHECKED_FILE_KEYS and isinstance(name, str):
+            refuse_outside_name(name, listed_in)
+
+
+def refuse_outside_tokenizer_files(folder: Path, who: str) -> None:
+    """A folder's tokenizer_config.json (when it has one) by `refuse_outside_code`'s rules: read before
+    transformers loads the tokenizer or mergeng copies it."""
+    config = Path(folder) / "tokenizer_config.json"
+    if config.is_file():
+        refuse_outside_code(parse_json(_read_bytes(config), f"{who}: {config} is not valid"), config, tokenizer=True)
 
 
 class ModelSource:

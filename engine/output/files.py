@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from ..inputs.paths import tokenizer_folder
-from ..inputs.source import parse_json, refuse_outside_code
+from ..inputs.source import refuse_outside_tokenizer_files
 from ..plan.hub_inputs import input_identity
 from ..plan.merge_plan import MergePlan
 
@@ -38,9 +38,7 @@ def tokenizer_donor(plan: MergePlan) -> Path:
     """Folder whose tokenizer and generation files are copied: tokenizer_source, else base, else first.
     The code its tokenizer_config.json's auto_map names must lie inside it (it is copied as it is)."""
     donor = _tokenizer_donor(plan)
-    config = donor / "tokenizer_config.json"
-    if config.is_file():
-        refuse_outside_code(parse_json(config.read_bytes(), f"tokenizer donor: {config} is not valid"), config)
+    refuse_outside_tokenizer_files(donor, "tokenizer donor")
     return donor
 
 

@@ -61,11 +61,9 @@ def _transformers():
 def load_tokenizer(path: Path, who: str):
     """A folder's tokenizer, as transformers loads it (fast)."""
     from ..inputs.remote_code import remote_code_trusted
-    from ..inputs.source import parse_json, refuse_outside_code
+    from ..inputs.source import refuse_outside_tokenizer_files
 
-    config = Path(path) / "tokenizer_config.json"
-    if config.is_file():  # names of custom tokenizer code stay inside the folder (never run without --trust-remote-code)
-        refuse_outside_code(parse_json(config.read_bytes(), f"{who}: {config} is not valid"), config)
+    refuse_outside_tokenizer_files(path, who)  # the files and code it names stay inside the folder
     try:
         return _transformers().AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=remote_code_trusted())
     except MergeError:
