@@ -384,3 +384,70 @@ def test_random_damage_to_recipe_text_ends_in_one_line_or_a_merge(pristine, data
         _merge_outcome(damaged, root / "out")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- LoRA adapter_config.json and tokenizer_config.json ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    from mergeng.cli.tiny_models import make_lora_adapter
+
+    return make_lora_adapter(tmp_path_factory.mktemp("adapter") / "lora", rank=4)
+
+
+ADAPTER_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "peft_type",
+                "target_modules", "layer_replication", "modules_to_save", "bias"]
+
+
+@settings(FAST, max_examples=FAST.max_examples * 2 // 3)
+@given(edits=st.dictionaries(st.sampled_from(ADAPTER_KEYS), st.one_of(st.just("DELETE"), json_values, st.integers(-2, 16),
+                                                                      st.dictionaries(st.sampled_from(["q_proj", "v_proj", ""]),
+                                                                                      st.integers(-1, 8))),
+                             min_size=1, max_size=3))
+def test_random_edits_of_an_adapter_config_end_in_one_line_or_a_merge(tiny_models, adapter, edits):
+    root = Path(tempfile.mkdtemp(prefix="mergeng-fuzz-"))
+    try:
+        shutil.copytree(adapter, root / "lora")
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        for key, value in edits.items():
+            if value == "DELETE":
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (root / "lora" / "adapter_config.json").write_text(json.dumps(config))
+        _merge_outcome({"merge_method": "passthrough", "models": [{"model": f"{tiny_models['base']}+{root / 'lora'}"}]}, root / "out")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+TOKENIZER_KEYS = ["tokenizer_class", "auto_map", "model_max_length", "bos_token", "eos_token", "pad_token", "added_tokens_decoder",
+                  "chat_template", "tokenizer_file", "vocab_file", "fast_tokenizer_files", "special_tokens_map_file"]
+
+
+@settings(FAST, max_examples=FAST.max_examples // 2)
+@given(edits=st.dictionaries(st.sampled_from(TOKENIZER_KEYS),
+                             st.one_of(st.just("DELETE"), json_values,
+                                       st.sampled_from(["tokenizer.json", "../tokenizer.json", "/etc/hostname", "PreTrainedTokenizerFast",
+                                                        "LlamaTokenizer", "<s>", "{{ messages }}", "{% for %}"])),
+                             min_size=1, max_size=3),
+       recipe_extra=st.sampled_from([{}, {"tokenizer_source": "base"}, {"chat_template": "chatml"},
+                                     {"tokenizer": {"source": "union"}}]))
+@example(edits={"chat_template": {"": None}}, recipe_extra={"tokenizer_source": "base"})  # once an internal error after the merge
+def test_random_edits_of_a_tokenizer_config_end_in_one_line_or_a_merge(tiny_models, edits, recipe_extra):
+    root = Path(tempfile.mkdtemp(prefix="mergeng-fuzz-"))
+    try:
+        model = root / "model"
+        shutil.copytree(tiny_models["base"], model)
+        config = json.loads((model / "tokenizer_config.json").read_text())
+        for key, value in edits.items():
+            if value == "DELETE":
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+        recipe = {"merge_method": "linear", "base_model": str(model), **recipe_extra,
+                  "models": [{"model": str(model), "parameters": {"weight": 0.5}},
+                             {"model": str(tiny_models["a"]), "parameters": {"weight": 0.5}}]}
+        _merge_outcome(recipe, root / "out")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

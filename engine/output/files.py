@@ -18,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ...errors import MergeError
 from ..inputs.paths import tokenizer_folder
 from ..inputs.source import refuse_outside_tokenizer_files
 from ..plan.hub_inputs import input_identity
@@ -48,8 +49,6 @@ def _tokenizer_donor(plan: MergePlan) -> Path:
         return plan.sources[plan.config_donor].path
     if choice in plan.sources:
         return plan.sources[choice].path
-    from ...errors import MergeError
-
     path = tokenizer_folder(choice, None)
     if path is None:
         raise MergeError(f"recipe field 'tokenizer_source': '{choice}' is not 'base', a model of the recipe or a folder")
@@ -74,7 +73,14 @@ def write_output_files(plan: MergePlan, out_dir: Path, recipe_text: str, *, copy
         # a built vocabulary is saved whatever --copy-tokenizer says (as mergekit): the embeddings follow its ids
         if plan.chat_template is not None:
             tokenizer.chat_template = plan.chat_template
-        tokenizer.save_pretrained(str(out_dir))
+        try:
+            tokenizer.save_pretrained(str(out_dir))
+        except (OSError, MergeError):
+            raise
+        except Exception as e:  # noqa: BLE001  transformers refusing what a donor's files hold: one line, the merge is kept
+            raise MergeError(f"tokenizer donor {donor}: transformers cannot save its tokenizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); the weights are written: fix the donor's tokenizer "
+                             "files and run the same command again, or add --no-copy-tokenizer", exit_code=1) from None
     for name in GENERATION_FILES if tokenizer is not None or not copy_tokenizer else TOKENIZER_FILES:
         if (donor / name).exists():
             shutil.copyfile(donor / name, out_dir / name)
