@@ -17,8 +17,9 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import MergeError
+from ..errors import MergeError, one_line
 from . import mergekit_options as mk
 from .console import console, fail
 from .options import executor_name, max_unit_bytes, ram_budget, shard_bytes, worker_count
@@ -53,7 +54,7 @@ def _run_recipe(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path],
         notes = (flags or mk.MergekitFlags()).check()
         if not quiet:
             for note in notes:
-                console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
+                console.print(f"[cyan]note:[/cyan] {escape(note)}", highlight=False, soft_wrap=True)
         mk.set_num_threads(flags.num_threads if flags else None)
         hub = HubOptions(flags.transformers_cache if flags else None, stream, {} if fresh else hub_pins(target))
         options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
@@ -114,7 +115,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
 
     warnings = prepared.plan.warnings
     for w in warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(w))}", highlight=False, soft_wrap=True)
     total = sum(t.output.nbytes for t in prepared.plan.tasks)
     fetch = sum(h.fetch_bytes for h in hub_inputs(prepared.plan))
     shown = Console(stderr=True, quiet=True) if quiet else console
@@ -129,18 +130,18 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
             raise typer.Exit(130)
     nonfinite = NonFinite.summary(profile.get("nonfinite"))
     if nonfinite:
-        console.print(f"[yellow]warning:[/yellow] {nonfinite}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(nonfinite))}", highlight=False, soft_wrap=True)
     if quiet:
         return profile
     resumed = " (resumed)" if profile["resumed"] else ""
     peak = max(profile["peak_rss_bytes"], earlier_peak)
-    warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {target / STATE_DIR / 'report.json'}" if warnings else ""
+    warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {escape(str(target / STATE_DIR / 'report.json'))}" if warnings else ""
     if "nodes" in profile:  # a Ray cluster (engine/cluster/run.py): the tasks' peaks per node
         nodes = ", ".join(f"{format_size(n['peak_rss_bytes'])} on {label}" for label, n in profile["nodes"].items() if n["tasks"])
-        console.print(f"[green]{done}[/green] into {target}{resumed} by {len(profile['partitions'])} Ray task(s): peak RSS "
+        console.print(f"[green]{escape(done)}[/green] into {escape(str(target))}{resumed} by {len(profile['partitions'])} Ray task(s): peak RSS "
                       f"{nodes or 'none'}{warned}", highlight=False, soft_wrap=True)
         return profile
-    console.print(f"[green]{done}[/green] into {target}{resumed}: peak RSS {format_size(peak)} "
+    console.print(f"[green]{escape(done)}[/green] into {escape(str(target))}{resumed}: peak RSS {format_size(peak)} "
                   f"of {format_size(profile['ram_budget_bytes'])} budget{warned}", highlight=False, soft_wrap=True)
     return profile
 

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..errors import one_line
+
 from ..architectures.alignment import summarize
 from ..architectures.layout import find_layer_stacks, parse_layer_name
 from ..engine.graph import build_graph
@@ -103,14 +105,14 @@ def render_text(prepared: Prepared, console: Console, out_dir: Path | None = Non
     inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")
     stage_names = {st["name"] for st in summary["stages"]}
     for label, src in plan.sources.items():
-        inputs.add_row(label, "(stage, computed in memory)" if label in stage_names else str(src.path), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
+        inputs.add_row(escape(label), "(stage, computed in memory)" if label in stage_names else escape(str(src.path)), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
     console.print(inputs)
     if summary["hub"]:
         hub = Table("model", "commit", "files read", "bytes", "cached", "to fetch", title="from the Hub", title_justify="left")
         for h in summary["hub"]:
             fetch = "streamed (--stream)" if h["stream"] else (f"{format_size(h['fetch_bytes'])} in {len(h['fetch_files'])} file(s)"
                                                                  if h["fetch_files"] else "nothing")
-            hub.add_row(h["model"], h["commit"][:12], str(len(h["files"])), format_size(h["bytes"]), format_size(h["cached_bytes"]), fetch)
+            hub.add_row(escape(h["model"]), h["commit"][:12], str(len(h["files"])), format_size(h["bytes"]), format_size(h["cached_bytes"]), fetch)
         console.print(hub)
     for q in summary["quantized"]:
         console.print(f"model {escape(q['model'])}: {q['format']}, {q['tensors']} quantized tensors read dequantized "
@@ -133,7 +135,7 @@ def render_text(prepared: Prepared, console: Console, out_dir: Path | None = Non
         stages = Table("stage", "method", "reads", "tensors", "bytes", "layers", "computed", title="stages (in order; fused in memory)",
                        title_justify="left")
         for st in summary["stages"]:
-            stages.add_row(st["name"] or "(output)", st["method"], ", ".join(st["models"]), str(st["tensors"]),
+            stages.add_row(escape(st["name"] or "(output)"), st["method"], escape(", ".join(st["models"])), str(st["tensors"]),
                            format_size(st["bytes"]), str(st["layers"] or ""),
                            "written" if st is summary["stages"][-1] else
                            f"{st['computed']:g}x per tensor" + (f" ({st['held']} held whole)" if st["held"] else ""))
@@ -145,7 +147,7 @@ def render_text(prepared: Prepared, console: Console, out_dir: Path | None = Non
         layer = parse_layer_name(t.output.name, stacks)
         groups[f"{layer.stack}.{layer.index}" if layer else "outside layers"].append(t)
     for key, tasks in list(groups.items())[:12]:
-        layers.add_row(key, str(len(tasks)), format_size(sum(i.nbytes for t in tasks for _, i in t.all_inputs)),
+        layers.add_row(escape(key), str(len(tasks)), format_size(sum(i.nbytes for t in tasks for _, i in t.all_inputs)),
                        format_size(sum(t.output.nbytes for t in tasks)))
     if len(groups) > 12:
         layers.add_row(f"... {len(groups) - 12} more", "", "", "")
@@ -162,19 +164,19 @@ def render_text(prepared: Prepared, console: Console, out_dir: Path | None = Non
                   f"(baseline {format_size(summary['baseline_bytes'])}): {verdict}")
     chunked = summary["chunked_tensors"]
     if chunked:
-        console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+        console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {escape(chunked[0]['tensor'])}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
     for model, a in plan.alignments.items():
         rules = ", ".join(f"'{src}*' → '{dst}*'" for src, dst in summarize(a).items())
-        console.print(f"names of [bold]{model}[/bold] aligned to the output ({len(a)} tensors): {rules}")
+        console.print(f"names of [bold]{escape(model)}[/bold] aligned to the output ({len(a)} tensors): {escape(rules)}")
     if summary["copied"]:
         console.print(f"{summary['copied']} tensor(s) copied unchanged (not selected, or missing from some models)")
     if summary["dropped"]:
-        console.print(f"[yellow]{len(summary['dropped'])} input tensor(s) have no place in the output[/yellow], e.g. {summary['dropped'][0]['tensor']} ({summary['dropped'][0]['reason']})")
+        console.print(f"[yellow]{len(summary['dropped'])} input tensor(s) have no place in the output[/yellow], e.g. {escape(summary['dropped'][0]['tensor'])} ({escape(summary['dropped'][0]['reason'])})")
     console.print(f"estimated time: {summary['estimated_seconds']:.0f} s (from a quick disk and compute probe)")
     if summary["warnings"]:
         console.print(f"[bold yellow]{len(summary['warnings'])} warning(s)[/bold yellow] (--strict makes each an error):")
     for w in summary["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(w))}")
 
 
 def render_dot(prepared: Prepared) -> str:

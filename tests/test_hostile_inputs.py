@@ -544,3 +544,29 @@ def test_a_special_tokens_map_file_left_from_the_authors_machine_is_no_obstacle(
                                     "tokenizer_source: base\n")
     result = cli("run", recipe, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
+
+
+def test_names_from_files_and_recipes_are_printed_as_text_never_as_markup_or_extra_lines(tmp_path):
+    """A tensor name or recipe key holding rich markup ('[/bold]') or a newline is shown as written, on one line."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weird = "model.[/bold].weight"
+    values = torch.ones(64, 64)
+    values[0, 1] = float("nan")
+    save_file({weird: values, "model.x\nnewline.weight": torch.ones(2, 2)}, model / "model.safetensors")
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 1.0}}\n"
+                                    "\"unknown [/red] key\": 1\n")
+    result = cli("run", recipe, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert weird in result.output and "unknown [/red] key" in result.output and "internal error" not in result.output
+    for fmt in ("text", "json", "html", "dot"):
+        shown = cli("plan", recipe, "--format", fmt, "--max-unit", "4K")
+        assert shown.exit_code == 0 and "internal error" not in shown.output, (fmt, shown.output)
+        assert fmt != "text" or "e.g. model.[/bold].weight" in shown.output, shown.output  # the chunked tensor, named
+    bad = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{\"weight\\nx\": [{{\"\\n\": 1}}]}}\n",
+                       name="bad.yml")
+    refused = cli("run", bad, "-o", tmp_path / "out2")
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, refused.output
