@@ -41,20 +41,39 @@ def _count_aliases(model_type: str | None) -> set[str]:
     return {v for k, v in getattr(cls, "attribute_map", {}).items() if k == "num_hidden_layers"}
 
 
-def layer_count_keys(holder: dict, layers: int) -> list[str]:
-    """The keys of `holder` that state its layer count `layers`."""
+def layer_count_keys(holder: dict, layers: int, stack: str = "") -> list[str]:
+    """The keys of `holder` that state the layer count `layers` of `stack`. In an encoder-decoder the other
+    side's counts are left alone even when equal (Whisper's encoder_layers, T5's num_layers beside
+    num_decoder_layers: the encoder's), so cutting one side never resizes the other."""
     names = set(LAYER_COUNT_NAMES) | _count_aliases(holder.get("model_type"))
-    return [k for k, v in holder.items() if k in names and type(v) is int and v == layers]
+    keys = [k for k, v in holder.items() if k in names and type(v) is int and v == layers]
+    side = encoder_decoder_side(holder, stack)
+    if side == "decoder":
+        keys = [k for k in keys if "encoder" not in k and not (k == "num_layers" and "num_decoder_layers" in holder)]
+    elif side == "encoder":
+        keys = [k for k in keys if "decoder" not in k]
+    return keys
 
 
-def language_config(config: dict, layers: int) -> tuple[str, dict] | None:
+def encoder_decoder_side(holder: dict, stack: str) -> str | None:
+    """"encoder" or "decoder" when `stack` is one side of an encoder-decoder config (T5, Whisper, BART)."""
+    if not (holder.get("is_encoder_decoder") or any("decoder" in k for k in holder) and any("encoder" in k for k in holder)):
+        return None
+    last = stack.lower().rsplit(".", 2)
+    for side in ("decoder", "encoder"):
+        if any(side in part for part in last):
+            return side
+    return None
+
+
+def language_config(config: dict, layers: int, stack: str = "") -> tuple[str, dict] | None:
     """(path, dict) of the config that describes the language stack's `layers`: the one that states the
     count (the top level, else a nested text config), else a top level without nested text configs."""
-    if layer_count_keys(config, layers):
+    if layer_count_keys(config, layers, stack):
         return "", config
     for key in NESTED_TEXT_CONFIGS:
         nested = config.get(key)
-        if isinstance(nested, dict) and layer_count_keys(nested, layers):
+        if isinstance(nested, dict) and layer_count_keys(nested, layers, stack):
             return key + ".", nested
     if not any(isinstance(config.get(key), dict) for key in NESTED_TEXT_CONFIGS):
         return "", config  # a count the config derives from its per-layer lists (nemotron_h's layers_block_type)
@@ -174,10 +193,11 @@ def restate_layer_kinds(holder: dict, layer_sources: list[int], layers: int, pat
     return changes
 
 
-def relayer_config(config: dict, layer_sources: list[int], layers: int) -> list[str]:
-    """Rewrite `config` in place for output layers taken from `layer_sources` of a `layers`-layer donor;
-    returns one line per key changed, e.g. "layer_types: 4 entries -> 6 (from layers 0,1,2,1,2,3)"."""
-    found = language_config(config, layers)
+def relayer_config(config: dict, layer_sources: list[int], layers: int, stack: str = "") -> list[str]:
+    """Rewrite `config` in place for output layers taken from `layer_sources` of a `layers`-layer donor
+    (of layer stack `stack`, e.g. `decoder.block`); returns one line per key changed, e.g.
+    "layer_types: 4 entries -> 6 (from layers 0,1,2,1,2,3)"."""
+    found = language_config(config, layers, stack)
     if found is None:
         return []
     path, holder = found
@@ -185,7 +205,12 @@ def relayer_config(config: dict, layer_sources: list[int], layers: int) -> list[
     changes = []
     taken = ",".join(map(str, layer_sources))
     changes += restate_layer_kinds(holder, layer_sources, layers, path)
-    for key in layer_count_keys(holder, layers):
+    side = encoder_decoder_side(holder, stack)
+    if "num_decoder_layers" in holder and holder["num_decoder_layers"] is None and side is not None:
+        # T5: a null decoder count means "as many as num_layers", the encoder's: stated, so one side moves alone
+        holder["num_decoder_layers"] = new if side == "decoder" else layers
+        changes.append(f"{path}num_decoder_layers: null -> {holder['num_decoder_layers']}")
+    for key in layer_count_keys(holder, layers, stack):
         holder[key] = new
         changes.append(f"{path}{key}: {layers} -> {new}")
     for key, value in list(holder.items()):

@@ -5,7 +5,9 @@ A layer stack is a name prefix followed by a layer index: `<prefix>.<N>.<rest>`,
 carries numbered children with more than one index is a stack; a model has one (Llama) or
 several (a VLM's vision and language towers). The language stack — the one `slices` select
 from — is the stack whose layer count matches the config's `num_hidden_layers` (top level or
-under `text_config`), else the largest.
+under `text_config`), else the largest. A DeepSeek-V3-style model stores its multi-token-prediction
+layers (`num_nextn_predict_layers`) after its main layers in the same stack: layers
+num_hidden_layers .. num_hidden_layers + k - 1, which `main_layers` leaves out.
 """
 
 from __future__ import annotations
@@ -48,11 +50,28 @@ def config_layer_count(config: dict) -> int | None:
     return None
 
 
+def prediction_layers(config: dict) -> int:
+    """How many multi-token-prediction layers follow the main layers (DeepSeek-V3's `num_nextn_predict_layers`)."""
+    for cfg in (config, config.get("text_config") or {}):
+        k = cfg.get("num_nextn_predict_layers")
+        if isinstance(k, int) and k > 0:
+            return k
+    return 0
+
+
+def main_layers(stacks: dict[str, int], stack: str, config: dict) -> int:
+    """The layers of `stack` a frankenmerge selects from: all of them, less trailing prediction layers."""
+    count, want, extra = stacks[stack], config_layer_count(config), prediction_layers(config)
+    return want if extra and want is not None and count == want + extra else count
+
+
 def language_stack(stacks: dict[str, int], config: dict) -> str | None:
-    """The stack `slices` refer to: matching the config's layer count, else the largest."""
+    """The stack `slices` refer to: matching the config's layer count (with its prediction layers or
+    without), else the largest."""
     if not stacks:
         return None
     want = config_layer_count(config)
-    matching = [p for p, n in stacks.items() if n == want]
+    extra = prediction_layers(config)
+    matching = [p for p, n in stacks.items() if n == want or (extra and want is not None and n == want + extra)]
     candidates = matching or list(stacks)
     return max(candidates, key=lambda p: (stacks[p], "language" in p or p.startswith("model.")))

@@ -26,7 +26,7 @@ from .console import console, fail, out
 from .execute import execute, output_folder, run_recipe
 from .lora_cmd import lora_app
 from .moe_cmd import moe
-from .options import (HELP_OPTIONS, AddressOption, DebugOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
+from .options import (HELP_OPTIONS, AddressOption, DebugOption, DequantizeOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
                       ShardSizeOption, StreamOption, StrictOption, TruncateVocabOption, WorkersOption, executor_name, max_unit_bytes,
                       ram_budget, shard_bytes, worker_count)
 
@@ -86,6 +86,7 @@ def run(
     write_threads: Optional[int] = mk.WriteThreadsOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
     stream: bool = StreamOption,
+    dequantize: bool = DequantizeOption,
     no_space_check: bool = typer.Option(False, "--no-space-check", help="Start even when the output's filesystem (or the HF cache's) has less free space than the merge needs."),
     lora_merge_cache: Optional[str] = mk.LoraMergeCacheOption,
     lora_merge_dtype: Optional[str] = mk.LoraMergeDtypeOption,
@@ -107,7 +108,7 @@ def run(
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
                intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream,
-               space_check=not no_space_check, trust_remote_code=trust_remote_code)
+               space_check=not no_space_check, trust_remote_code=trust_remote_code, dequantize=dequantize)
 
 
 @app.command()
@@ -125,6 +126,7 @@ def plan(
     address: Optional[str] = AddressOption,
     stream: bool = StreamOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
+    dequantize: bool = DequantizeOption,
     trust_remote_code: bool = mk.TrustRemoteCodeOption,
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where `run` will write (default: as run's, ./merged/<recipe stem>): "
                                            "the plan shows the free space there against the output's size."),
@@ -142,7 +144,11 @@ def plan(
     try:
         with trusting_remote_code(trust_remote_code):
             ray_plan, prepared = _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict,
-                                                   truncate_vocab, HubOptions(transformers_cache, stream))
+                                                   truncate_vocab, HubOptions(transformers_cache, stream), dequantize)
+        if not prepared.schedule.feasible and prepared.schedule.binding_whole:
+            from ..engine.schedule.scheduler import require_feasible
+
+            require_feasible(prepared.schedule)  # a tensor that needs a whole SVD cannot fit: one line, exit 2
         target = output_folder(recipe, None, out_dir)
         if fmt == "json":
             # plain JSON (rich's highlighter took 38 s on a 92k-tensor plan); a pipe or a terminal gets the same text
@@ -164,7 +170,7 @@ def plan(
         raise typer.Exit(1)
 
 
-def _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict, truncate_vocab, hub):
+def _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict, truncate_vocab, hub, dequantize):
     """`plan`'s prepared merge (and the Ray partitions with --executor ray)."""
     from ..engine.run import prepare
 
@@ -173,10 +179,11 @@ def _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, addr
         from ..engine.cluster.plan import plan_on_ray
 
         ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, hub.stream),
-                               max_unit_bytes(max_unit), address=address, strict=strict, truncate_vocab=truncate_vocab, hub=hub)
+                               max_unit_bytes(max_unit), address=address, strict=strict, truncate_vocab=truncate_vocab, hub=hub,
+                               dequantize=dequantize)
         return ray_plan, ray_plan.prepared
     return None, prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, hub.stream),
-                         max_unit_bytes(max_unit), strict=strict, truncate_vocab=truncate_vocab, hub=hub)
+                         max_unit_bytes(max_unit), strict=strict, truncate_vocab=truncate_vocab, hub=hub, dequantize=dequantize)
 
 
 @app.command()

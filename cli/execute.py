@@ -31,7 +31,7 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
                quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
                executor: str = "local", address: Optional[str] = None, stream: bool = False, space_check: bool = True,
-               trust_remote_code: bool = False) -> None:
+               dequantize: bool = False, trust_remote_code: bool = False) -> None:
     """`mergeng run` with plain arguments (also `lora apply`'s body). Code a model carries runs only with
     `trust_remote_code` (engine/inputs/remote_code.py)."""
     from ..engine.inputs.remote_code import trusting_remote_code
@@ -40,12 +40,13 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
         _run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
                     strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                     copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
-                    intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream, space_check=space_check)
+                    intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream, space_check=space_check,
+                    dequantize=dequantize)
 
 
 def _run_recipe(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path], *, ram, shard_size, workers, fresh, seed,
                 strict, truncate_vocab, max_unit, debug, allow_crimes, copy_tokenizer, write_model_card, verbose, quiet, flags,
-                intermediate_dir, executor, address, stream, space_check) -> None:
+                intermediate_dir, executor, address, stream, space_check, dequantize) -> None:
     from ..engine.inputs.hub import HubOptions
     from ..engine.run import hub_pins, prepare, prepared_stages_on_disk
 
@@ -57,7 +58,8 @@ def _run_recipe(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path],
                 console.print(f"[cyan]note:[/cyan] {escape(note)}", highlight=False, soft_wrap=True)
         mk.set_num_threads(flags.num_threads if flags else None)
         hub = HubOptions(flags.transformers_cache if flags else None, stream, {} if fresh else hub_pins(target))
-        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
+        options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub,
+                       dequantize=dequantize)
         sizes = (ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit))
         if executor_name(executor, address) == "ray":
             if intermediate_dir is not None:
@@ -128,6 +130,8 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)
+    for note in profile.get("method_notes") or []:
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(note))}", highlight=False, soft_wrap=True)
     nonfinite = NonFinite.summary(profile.get("nonfinite"))
     if nonfinite:
         console.print(f"[yellow]warning:[/yellow] {escape(one_line(nonfinite))}", highlight=False, soft_wrap=True)

@@ -65,3 +65,7 @@ def worker_count(workers: Optional[int], stream: bool) -> int:
     from ..engine.execute.prepared import default_workers
 
     return default_workers(stream) if workers is None else workers
+
+DequantizeOption = typer.Option(
+    False, "--dequantize", help="Quantized inputs (FP8, compressed-tensors, MXFP4): write plain weights in the base's "
+    "torch_dtype without quantization_config (default: the merge is written back in the base's quantized format).")

@@ -20,6 +20,7 @@ from ..engine.output.space import space_figures
 from ..engine.plan.hub_inputs import hub_inputs
 from ..engine.plan.output_config import config_changes
 from ..engine.execute.prepared import Prepared
+from ..engine.schedule.cost_model import needs_whole, whole_tensor_bytes
 from ..engine.schedule.scheduler import read_bytes
 from ..engine.builders.stages import computations, held_intermediates, leaf_sources
 from .lora_view import render_lora
@@ -40,6 +41,7 @@ def plan_summary(prepared: Prepared, out_dir: Path | None = None) -> dict:
         "tensors": len(plan.tasks),
         "shards": [{"file": sh.file_name, "bytes": sh.size, "tensors": len(sh.tensors)} for sh in prepared.layout.shards],
         "chunked_tensors": [{"tensor": n, "chunk_rows": r, "chunks": c} for n, r, c in s.chunked(plan.tasks)],
+        "whole_tensors": _whole_tensors(prepared),
         "method": plan.recipe.merge_method,
         "inputs": {label: str(src.path) for label, src in plan.sources.items()},
         "workers": s.workers,
@@ -62,6 +64,17 @@ def plan_summary(prepared: Prepared, out_dir: Path | None = None) -> dict:
 def _disk_summary(prepared: Prepared, out_dir: Path) -> dict:
     hub = hub_inputs(prepared.plan)
     return space_figures(out_dir, prepared.layout.shards, sum(h.fetch_bytes for h in hub), hub[0].snapshot.path if hub else None)
+
+def _whole_tensors(prepared: Prepared) -> list[dict]:
+    """Tensors whose method needs them whole (an SVD merge): one unit each, with its bytes and flops."""
+    out = []
+    for task in prepared.plan.tasks:
+        if needs_whole(task):
+            cost = task.method.whole_tensor_cost(task.output.shape, len(task.inputs))
+            out.append({"tensor": task.output.name, "method": task.method.name, "shape": list(task.output.shape),
+                        "unit_bytes": prepared.schedule.merge_bytes.get(task.output.name, 0),
+                        "workspace_bytes": whole_tensor_bytes(task), "flops": cost.flops})
+    return out
 
 
 def _hub_summary(prepared: Prepared) -> list[dict]:
@@ -89,17 +102,19 @@ def _vocabulary_summary(plan) -> dict | None:
             "lacking": {m: sum(1 for r in perm if r < 0) for m, perm in v.permutations.items()}}
 
 
-def with_estimate(prepared: Prepared, summary: dict) -> tuple[dict, list]:
-    """Add the estimated run time (from a quick speed probe) and return the predicted timeline."""
+def with_estimate(prepared: Prepared, summary: dict, timeline: bool = True) -> tuple[dict, list]:
+    """Add the estimated run time (from a quick speed probe) and return the predicted timeline (none
+    without `timeline`)."""
     from ..engine.schedule.timeline import measure_speeds, simulate
 
     first = next((f for src in leaf_sources(prepared.plan.sources).values() for f in src.files if f.exists()), None)
-    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, measure_speeds(str(first) if first else None))
-    return {**summary, "estimated_seconds": round(seconds, 2)}, points
+    speeds = measure_speeds(str(first) if first else None)
+    points, seconds = simulate(prepared.plan.tasks, prepared.schedule, speeds, timeline)
+    return {**summary, "estimated_seconds": round(seconds, 2), "svd_flops_per_s": speeds.svd_flops_per_s}, points
 
 
 def render_text(prepared: Prepared, console: Console, out_dir: Path | None = None) -> None:
-    summary, _ = with_estimate(prepared, plan_summary(prepared, out_dir))
+    summary, _ = with_estimate(prepared, plan_summary(prepared, out_dir), timeline=False)
     plan = prepared.plan
     console.print(f"[bold]merge[/bold] {plan.recipe.merge_method} of {len(plan.sources)} models → {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
     inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")
@@ -120,7 +135,9 @@ def render_text(prepared: Prepared, console: Console, out_dir: Path | None = Non
     if plan.quantized_output:
         q = plan.quantized_output
         console.print(f"{q['tensors']} tensor(s) written back as {q['format']} (requantized from the merged float32 "
-                      f"values; quantization_config kept from {escape(q['from'])})", highlight=False)
+                      f"values; quantization_config kept from {escape(q['from'])})"
+                      + (f"; {q['two_pass']} of them need their whole merged tensor's range first (per-tensor "
+                         "or global scales): their merge is computed twice" if q.get("two_pass") else ""), highlight=False)
     if summary["config_changes"]:
         console.print("config.json changes: " + "; ".join(summary["config_changes"]), highlight=False, markup=False)
     vocabulary = summary["vocabulary"]
@@ -165,6 +182,13 @@ def render_text(prepared: Prepared, console: Console, out_dir: Path | None = Non
     chunked = summary["chunked_tensors"]
     if chunked:
         console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {escape(chunked[0]['tensor'])}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+    whole = summary["whole_tensors"]
+    if whole:
+        largest = max(whole, key=lambda w: w["unit_bytes"])
+        seconds = sum(w["flops"] for w in whole) / summary["svd_flops_per_s"]
+        console.print(f"{len(whole)} tensor(s) take a whole-tensor SVD ({largest['method']}), one unit each, never row-chunked; "
+                      f"the largest, {escape(largest['tensor'])} {largest['shape']}, needs {format_size(largest['unit_bytes'])} "
+                      f"(SVD workspace {format_size(largest['workspace_bytes'])}); SVD time ≈ {seconds:.0f} s", highlight=False)
     for model, a in plan.alignments.items():
         rules = ", ".join(f"'{src}*' → '{dst}*'" for src, dst in summarize(a).items())
         console.print(f"names of [bold]{escape(model)}[/bold] aligned to the output ({len(a)} tensors): {escape(rules)}")

@@ -16,9 +16,11 @@ Invariants of `run_merge` (every command that writes a model goes through it):
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -38,7 +40,7 @@ from .output.files import tokenizer_donor, write_output_files
 from .recipe.load import Recipe, load_recipe
 from .schedule.scheduler import MAX_UNIT_BYTES, require_feasible
 from .inputs.source import file_stamp
-from .builders.requantize import requantize_block_fp8
+from .builders.requantize import requantize
 from .builders.stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
 from .output.writer import DEFAULT_SHARD_SIZE, ShardWriter
 from .output.space import disk_full, is_disk_full, output_needs, require_space, still_to_write
@@ -48,9 +50,11 @@ from .execute.prepared import Prepared, prepare_plan
 
 def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2,
             max_unit_bytes: int = MAX_UNIT_BYTES, *, seed: int | None = None, strict: bool = False,
-            truncate_vocab: bool = False, allow_crimes: bool = False, hub: HubOptions | None = None) -> Prepared:
+            truncate_vocab: bool = False, allow_crimes: bool = False, hub: HubOptions | None = None,
+            dequantize: bool = False) -> Prepared:
     """Recipe file -> validated plan -> schedule. `seed` overrides the recipe's `seed:`; `strict`
     turns every warning into an error; `truncate_vocab` allows vocabularies of different sizes;
+    `dequantize` writes a quantized base's merge as plain weights (default: in the base's format);
     `allow_crimes` allows models of different architectures (engine/inputs/architecture_mix.py); `hub`: how
     Hub models are reached (engine/inputs/hub.py)."""
     recipe_path = Path(recipe_path)
@@ -59,25 +63,44 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
     if not recipe_path.exists():
         raise MergeError(f"recipe not found: {recipe_path}")
     text = recipe_path.read_text()
-    options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub)
-    if is_multi_stage(text):
-        return prepare_stages(read_stages(text, str(recipe_path)), text, recipe_path.parent, budget, shard_size, workers,
-                              max_unit_bytes, **options)
-    recipe = load_recipe(recipe_path)
-    return prepare_recipe(recipe, text, recipe_path.parent, budget, shard_size, workers, max_unit_bytes, **options)
+    options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub,
+                   dequantize=dequantize)
+    with cyclic_gc_paused():
+        if is_multi_stage(text):
+            return prepare_stages(read_stages(text, str(recipe_path)), text, recipe_path.parent, budget, shard_size, workers,
+                                  max_unit_bytes, **options)
+        recipe = load_recipe(recipe_path)
+        return prepare_recipe(recipe, text, recipe_path.parent, budget, shard_size, workers, max_unit_bytes, **options)
+
+
+@contextmanager
+def cyclic_gc_paused():
+    """Planning makes millions of small, long-lived objects (headers, tasks, units) and no garbage cycles worth
+    collecting: Python's cyclic collector would walk them again and again (a third of planning a 92k-tensor
+    model, and as much again when it met them afterwards). Paused while planning; what planning made is then
+    frozen (gc.freeze: never scanned again, for the rest of the run). Reference counting still frees
+    everything as usual; only a reference cycle made while planning would outlive its use."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
                    shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
                    seed: int | None = None, strict: bool = False, truncate_vocab: bool = False,
-                   allow_crimes: bool = False, hub: HubOptions | None = None) -> Prepared:
+                   allow_crimes: bool = False, hub: HubOptions | None = None, dequantize: bool = False) -> Prepared:
     """`prepare` for a parsed recipe (the Python API's YAML text or dict): model paths are relative
     to `recipe_dir` (None: the working directory); `recipe_text` is kept in the output and the
     resume fingerprint."""
     with using_hub(hub):
         plan = plan_recipe(recipe, open_sources(recipe, recipe_dir), seed=seed, truncate_vocab=truncate_vocab,
                            allow_crimes=allow_crimes)
-    plan = requantize_block_fp8(plan)
+    plan = plan if dequantize else requantize(plan)
     plan.warnings += hub_warnings(plan)
     if strict:
         refuse_warnings(plan)
@@ -87,14 +110,15 @@ def prepare_recipe(recipe: Recipe, recipe_text: str, recipe_dir: Path | None, bu
 def prepare_stages(stages: list[Stage], recipe_text: str, recipe_dir: Path | None, budget: int | None = None,
                    shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 2, max_unit_bytes: int = MAX_UNIT_BYTES, *,
                    seed: int | None = None, strict: bool = False, truncate_vocab: bool = False, allow_crimes: bool = False,
-                   on_disk: dict[str, Path] | None = None, hub: HubOptions | None = None) -> Prepared:
+                   on_disk: dict[str, Path] | None = None, hub: HubOptions | None = None, dequantize: bool = False) -> Prepared:
     """`prepare` for a multi-stage recipe (engine/builders/stages.py): the last stage's plan, reading the
     others in memory, or from `on_disk` folders (--intermediate-dir runs)."""
     def build(recipe: Recipe, sources: dict) -> MergePlan:
         return plan_recipe(recipe, sources, seed=seed, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes)
 
     with using_hub(hub):
-        plan = requantize_block_fp8(plan_stages(stages, recipe_dir, build, on_disk))
+        plan = plan_stages(stages, recipe_dir, build, on_disk)
+        plan = plan if dequantize else requantize(plan)
     plan.warnings = unused_stage_warnings(recipe_text, stages) + plan.warnings if on_disk is None else plan.warnings
     plan.warnings += hub_warnings(plan)
     if strict:
@@ -317,7 +341,7 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
                           "inputs": {str(h.snapshot.ref): h.snapshot.identity for h in hub}}
     with output_errors(out_dir, exit_code=1):
         (out_dir / STATE_DIR / "profile.json").write_text(json.dumps(profile))
-        write_report(prepared.plan, out_dir / STATE_DIR / "report.json", figures.get("nonfinite"))
+        write_report(prepared.plan, out_dir / STATE_DIR / "report.json", figures.get("nonfinite"), figures.get("method_notes"))
     journal.close()
     return profile
 
@@ -338,14 +362,17 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
         nonfinite = executor.nonfinite.figures()
         if nonfinite["inputs"] or nonfinite["outputs"]:  # said even when --strict stopped the run
             write_report(prepared.plan, Path(writer.out_dir) / STATE_DIR / "report.json", nonfinite)
-    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite}
+    return {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite,
+            "method_notes": executor.method_notes}
 
 
-def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None) -> None:
+def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None, method_notes: list[str] | None = None) -> None:
     """Every output tensor (merged or copied, from which models) and every input tensor left out, with
-    why; a multi-stage recipe's stages; the non-finite values the run met."""
+    why; a multi-stage recipe's stages; the non-finite values the run met; what methods said about
+    the weights (`method_warnings`, e.g. rank-deficient task vectors under an SVD merge)."""
     report = {"inputs": input_identities(plan), "tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
-              "warnings": plan.warnings, "nonfinite": nonfinite or {"inputs": {}, "outputs": {}}}
+              "warnings": plan.warnings, "method_warnings": method_notes or [],
+              "nonfinite": nonfinite or {"inputs": {}, "outputs": {}}}
     if plan.stages:
         report["stages"] = plan.stages
     path.write_text(json.dumps(report, indent=1))

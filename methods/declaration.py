@@ -9,6 +9,9 @@ The engine reads everything it needs from the signature (mergekit's easy_define 
 - `float` / `int` / `bool` arguments are global parameters (slice or top-level `parameters`);
 - `list[float]` / `list[bool]` / `list[int]` arguments are per-model parameters, one value per
   tensor in `tensors`; the default is a per-model default;
+- a `ModelNames` argument is a global list of models named by their recipe `model:` strings
+  (e.g. CABS' `pruning_order`); the engine checks that it names each of the tensor's non-base
+  models once, and the method learns which tensor is which model from `ctx.models`;
 - `stats: dict`            whole-tensor statistics from the method's `statistics` function
   (see below), so the method still works when the engine feeds it row chunks;
 - `ctx: MergeContext`      the tensor's name, row range and the recipe seed, for methods that
@@ -24,6 +27,14 @@ row chunk and returns partials the engine combines over the whole tensor:
   them in row order, and the method reduces the full vector itself, so the bytes do not depend
   on how rows were chunked;
 - an integer partial (counts, histograms) is summed over chunks (integer sums are exact).
+
+Whole tensors: a method that needs every row of a tensor at once (an SVD) declares
+`whole_tensor=True`, or a predicate on the shape (`whole_tensor=lambda shape: len(shape) == 2`),
+and `workspace(shape, models)` -> WholeTensorCost: the float32 elements it holds besides its
+inputs and `scratch`, and its flops (for the plan's time estimate).
+The engine then never row-chunks such a tensor; it costs the unit with that workspace and refuses
+(one line, naming the tensor) a budget it cannot fit. `ctx.warn(text)` lets a method say what
+the weights revealed (e.g. rank deficiency); the run prints it and keeps it in report.json.
 
 Registration: `@merge_method` registers a function once, under a name no other method has;
 methods/registry.py imports every method module and then closes registration, so the table
@@ -47,6 +58,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 Tensor = torch.Tensor
+ModelNames = tuple[str, ...]  # a global parameter listing models by their recipe `model:` strings
 
 
 @dataclass(frozen=True)
@@ -58,12 +70,30 @@ class MergeContext:
     row_stop: int
     rows: int  # rows in the whole tensor
     seed: int = 0
+    models: tuple[str, ...] = ()  # the recipe `model:` string of each entry of `tensors` (empty: unknown)
+    notes: list[str] = field(default_factory=list, compare=False)  # what ctx.warn said (the engine reports it)
+
+    def warn(self, message: str) -> None:
+        """Say something the weights revealed (e.g. rank-deficient task vectors); the run reports it."""
+        if message not in self.notes:
+            self.notes.append(message)
+
+
+@dataclass(frozen=True)
+class WholeTensorCost:
+    """What one whole-tensor call (e.g. an SVD merge) costs besides reading its inputs."""
+
+    elements: int  # float32 elements held at the peak besides the inputs and `scratch`
+    flops: float  # floating-point operations (for the plan's time estimate)
+
+
+NO_COST = WholeTensorCost(0, 0.0)
 
 
 @dataclass(frozen=True)
 class Parameter:
     name: str  # as the recipe spells it; the argument may add a trailing _ (lambda_)
-    type: type  # float, int or bool
+    type: type  # float, int, bool, or tuple (ModelNames: model strings)
     per_model: bool
     default: Any  # inspect.Parameter.empty when required
 
@@ -85,6 +115,18 @@ class MergeMethod:
     wants_ctx: bool
     argument_names: dict[str, str] = field(default_factory=dict)  # recipe name -> argument name
     description: str = ""
+    whole_tensor: Callable[[tuple[int, ...]], bool] | None = None  # shapes the method needs all rows of at once
+    workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None  # (shape, models) -> its cost
+
+    def needs_whole(self, shape: tuple[int, ...]) -> bool:
+        """A tensor of this shape is computed in one unit (e.g. it takes an SVD), never row-chunked."""
+        return self.whole_tensor is not None and bool(self.whole_tensor(tuple(shape)))
+
+    def whole_tensor_cost(self, shape: tuple[int, ...], models: int) -> WholeTensorCost:
+        """What a whole-tensor call holds besides its inputs and `scratch` (e.g. SVD factors), and its flops."""
+        if self.workspace is None or not self.needs_whole(shape):
+            return NO_COST
+        return self.workspace(tuple(shape), models)
 
     def _arguments(self, base, tensors, params: dict[str, Any], ctx: MergeContext, stats) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"tensors": tensors}
@@ -135,6 +177,8 @@ def _parameter(p: inspect.Parameter, hint: Any, method: str) -> Parameter:
         return Parameter(p.name.rstrip("_"), inner, True, p.default)
     if hint in (float, int, bool):
         return Parameter(p.name.rstrip("_"), hint, False, p.default)
+    if hint == ModelNames:
+        return Parameter(p.name.rstrip("_"), tuple, False, p.default)
     raise TypeError(f"method {method}: parameter {p.name} has unsupported annotation {hint!r}")
 
 
@@ -148,7 +192,9 @@ def _base_mode(hint: Any) -> str:
 
 
 def declare_method(name: str, function: Callable[..., Tensor], *, min_models: int = 1, max_models: int | None = None,
-                   statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1) -> MergeMethod:
+                   statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
+                   whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
+                   workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None) -> MergeMethod:
     """`function` as a MergeMethod named `name`, its schema read from its signature; registers nothing."""
     hints = typing.get_type_hints(function)
     sig = inspect.signature(function)
@@ -162,11 +208,15 @@ def declare_method(name: str, function: Callable[..., Tensor], *, min_models: in
         statistics=tuple(statistics) if isinstance(statistics, (list, tuple)) else ((statistics,) if statistics else ()),
         wants_ctx="ctx" in sig.parameters, argument_names={param.name: arg for arg, param in declared},
         description=doc.split("\n\n")[0].replace("\n", " "),
+        whole_tensor=(lambda shape: True) if whole_tensor is True else (whole_tensor or None),
+        workspace=workspace,
     )
 
 
 def merge_method(name: str, *, min_models: int = 1, max_models: int | None = None,
-                 statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1):
+                 statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
+                 whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
+                 workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None):
     """Register `function` under the recipe name `name`, its schema read from its signature.
 
     A name is registered once; registering after methods/registry.py closed the table (a method
@@ -178,7 +228,8 @@ def merge_method(name: str, *, min_models: int = 1, max_models: int | None = Non
         if name in _REGISTERED:
             raise RuntimeError(f"merge method '{name}' is registered twice")
         _REGISTERED[name] = declare_method(name, function, min_models=min_models, max_models=max_models,
-                                           statistics=statistics, scratch=scratch)
+                                           statistics=statistics, scratch=scratch, whole_tensor=whole_tensor,
+                                           workspace=workspace)
         return function
 
     return register

@@ -13,7 +13,7 @@ from here, so the table depends on the methods and not the other way round.
 from __future__ import annotations
 
 from ..errors import MergeError
-from . import arcee_fusion, linear, model_stock, nearswap, ram, sce, slerp, spherical, task_vectors  # noqa: F401  (each registers its methods)
+from . import arcee_fusion, cabs, expo, linear, magmax, model_stock, nearswap, ram, sce, slerp, spherical, subspace, svc, task_vectors  # noqa: F401  (each registers its methods)
 from .declaration import MergeContext, MergeMethod, Tensor, close_registration
 
 __all__ = ["REGISTRY", "MergeContext", "MergeMethod", "Tensor", "all_methods", "get_method"]

@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "moshi": "vocabulary tensors of different row counts in one model (its tokenizer still fits)",
     "deepseek_v3": "dense layers first by arithmetic: first_k_dense_replace",
     "gemma4_unified_text": "per-layer overrides keyed by layer index: per_layer_config {'3': {...}}",
+    "gemma4_text": "per-layer embeddings packed outside the stack: embed_tokens_per_layer (columns), per_layer_model_projection (rows)",
     "xlm": "one layer in four sibling stacks: transformer.attentions.N, ffns.N, layer_norm1.N, layer_norm2.N",
 }
 
@@ -147,3 +148,120 @@ def test_a_config_transformers_would_refuse_is_said_at_plan_time(tmp_path):
     llama = tmp_path / "llama"
     good.write_text(frankenmerge_recipe(llama, make_causal_lm(llama, "llama", 4)))
     assert "refuses" not in cli("plan", good).output
+
+
+def deepseek_with_prediction_layer(folder) -> int:
+    """A tiny DeepSeek-V3 whose stack ends with a multi-token-prediction layer, stored as DeepSeek stores it:
+    layer num_hidden_layers, a copy of a decoder layer plus enorm, hnorm, eh_proj and shared_head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    layers = make_causal_lm(folder, "deepseek_v3", 4)
+    tensors = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    gen = torch.Generator().manual_seed(7)
+    for name in [n for n in tensors if n.startswith(f"model.layers.{layers - 1}.")]:
+        tensors[name.replace(f"layers.{layers - 1}.", f"layers.{layers}.")] = torch.randn(tensors[name].shape, generator=gen)
+    h = config["hidden_size"]
+    for key, shape in (("enorm.weight", (h,)), ("hnorm.weight", (h,)), ("eh_proj.weight", (h, 2 * h)),
+                       ("shared_head.norm.weight", (h,)), ("shared_head.head.weight", (config["vocab_size"], h))):
+        tensors[f"model.layers.{layers}.{key}"] = torch.randn(shape, generator=gen)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config["num_nextn_predict_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(config))
+    return layers
+
+
+def test_a_deepseek_frankenmerge_keeps_its_prediction_layer_after_the_new_last_layer(tmp_path):
+    """The MTP layer (layer 4 of 4 main layers) is never one of the slices' layers: it follows the output's six
+    layers as layer 6, whole; the config counts six main layers and still one prediction layer; transformers
+    loads the result and runs it. A slice that reaches the MTP layer is refused in one line."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    src = tmp_path / "ds"
+    layers = deepseek_with_prediction_layer(src)
+    stored = load_file(src / "model.safetensors")
+    out = merge(tmp_path, frankenmerge_recipe(src, layers))
+    got = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_nextn_predict_layers"]) == (6, 1)
+    mtp = {n.removeprefix("model.layers.4."): v for n, v in stored.items() if n.startswith("model.layers.4.")}
+    assert {n.removeprefix("model.layers.6."): v for n, v in got.items() if n.startswith("model.layers.6.")}.keys() == mtp.keys()
+    for rest, value in mtp.items():
+        assert torch_equal(got[f"model.layers.6.{rest}"], value), rest
+    assert not any(n.startswith("model.layers.7.") for n in got)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    import torch
+
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    reach = tmp_path / "reach.yml"
+    reach.write_text(f"merge_method: passthrough\nslices:\n  - sources: [{{model: {src}, layer_range: [0, 5]}}]\n")
+    result = cli("plan", reach)
+    assert result.exit_code == 2 and "multi-token-prediction" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    whole = tmp_path / "whole.yml"  # an ordinary merge keeps the prediction layer where it is
+    whole.write_text(f"merge_method: linear\nmodels:\n  - model: {src}\n    parameters: {{weight: 1.0}}\ndtype: float32\n")
+    assert cli("run", whole, "-o", tmp_path / "whole").exit_code == 0
+    kept = load_file(tmp_path / "whole" / "model.safetensors")
+    assert set(kept) == set(stored)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a.float(), b.float())
+
+
+@pytest.mark.parametrize("kind", ["t5", "whisper"])
+def test_cutting_an_encoder_decoders_decoder_leaves_its_encoder_count_alone(tmp_path, kind):
+    """T5's num_layers and Whisper's encoder_layers size the encoder: a decoder frankenmerge (4 -> 6 layers) must
+    not rewrite them (before, the encoder grew two randomly initialised layers at load, in silence)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=None,
+                                       num_heads=4, decoder_start_token_id=0)
+        model, stack, encoder_key, decoder_key = transformers.T5ForConditionalGeneration(config), "decoder.block", "num_layers", "num_decoder_layers"
+    else:
+        config = transformers.WhisperConfig(vocab_size=64, d_model=32, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                                            max_source_positions=16, max_target_positions=32, pad_token_id=1, bos_token_id=2,
+                                            eos_token_id=3, decoder_start_token_id=2)
+        model, stack, encoder_key, decoder_key = transformers.WhisperForConditionalGeneration(config), "model.decoder.layers", "encoder_layers", "decoder_layers"
+    src = tmp_path / kind
+    model.save_pretrained(src)
+    recipe = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {src}, layer_range: [0, 3]}}]\n"
+              f"  - sources: [{{model: {src}, layer_range: [1, 4]}}]\n")
+    out = merge(tmp_path, recipe)
+    written = json.loads((out / "config.json").read_text())
+    assert (written[encoder_key], written[decoder_key]) == (4, 6)
+    loaded, info = type(model).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert len(getattr(loaded.get_decoder(), "block" if kind == "t5" else "layers")) == 6
+    assert len(getattr(loaded.get_encoder(), "block" if kind == "t5" else "layers")) == 4
+    del stack
+
+
+@pytest.mark.parametrize("max_unit", [None, "2K"])
+def test_per_layer_embedding_blocks_follow_their_layers(tmp_path, tiny_causal_lms, max_unit):
+    """Gemma4/Gemma3n text: output block k of embed_tokens_per_layer (columns) and per_layer_model_projection (rows)
+    is block s_k of the input, for layers 0,1,2,1,2,3; the same bytes whether or not the rows are chunked."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    src, layers = tiny_causal_lms["gemma4_text"]
+    stored = load_file(src / "model.safetensors")
+    args = ["--max-unit", max_unit] if max_unit else []
+    out = merge(tmp_path, frankenmerge_recipe(src, layers), *args)
+    got = load_file(out / "model.safetensors")
+    sources = [0, 1, 2, 1, 2, 3]
+    for name, dim in (("model.embed_tokens_per_layer.weight", 1), ("model.per_layer_model_projection.weight", 0)):
+        width = stored[name].shape[dim] // layers
+        want = [stored[name].narrow(dim, s * width, width) for s in sources]
+        import torch
+
+        assert torch.equal(got[name], torch.cat(want, dim)), name

@@ -23,22 +23,22 @@ def full_params(name: str, params: dict, models: int) -> dict:
     return out
 
 
-def run_method(name, base, tensors, params, chunk_rows=None, seed=0, tensor_name="model.layers.0.mlp.weight"):
+def run_method(name, base, tensors, params, chunk_rows=None, seed=0, tensor_name="model.layers.0.mlp.weight", models=()):
     method = get_method(name)
     params = full_params(name, params, len(tensors))
     first = base if base is not None else tensors[0]
     rows = first.shape[0] if first.dim() else 1
     if chunk_rows is None:
-        return method(base, tensors, params, MergeContext(tensor_name, 0, rows, rows, seed))
+        return method(base, tensors, params, MergeContext(tensor_name, 0, rows, rows, seed, models))
     ranges = [(a, min(rows, a + chunk_rows)) for a in range(0, rows, chunk_rows)]
     part = (lambda x, a, b: None if x is None else x[a:b].clone())
     stats: dict = {}
     for index in range(len(method.statistics)):
         partials = [(a, method.statistics_pass(index, part(base, a, b), [part(x, a, b) for x in tensors], params,
-                                               MergeContext(tensor_name, a, b, rows, seed), stats)) for a, b in ranges]
+                                               MergeContext(tensor_name, a, b, rows, seed, models), stats)) for a, b in ranges]
         stats = {**stats, **combine_partials(partials)}
     return torch.cat([method(part(base, a, b), [part(x, a, b) for x in tensors], params,
-                             MergeContext(tensor_name, a, b, rows, seed), stats if method.statistics else None)
+                             MergeContext(tensor_name, a, b, rows, seed, models), stats if method.statistics else None)
                       for a, b in ranges])
 
 
@@ -64,6 +64,9 @@ CASES = {
     "ram": ({}, 3, True),
     "ramplus_tl": ({"r": 0.5, "alpha": 0.9}, 3, True),
     "arcee_fusion": ({}, 1, True),
+    "magmax": ({"lambda": 0.7}, 3, True),
+    "expo": ({"extrapolation_factor": 0.4}, 3, True),
+    "cabs": ({"weight": [1.0, 0.7, 1.2], "n_val": [1, 2, 1], "m_val": [2, 3, 4]}, 3, True),
 }
 VARIANTS = [  # further modes with their own statistics
     ("nuslerp", {"weight": [0.3, 0.7], "nuslerp_flatten": False}),
@@ -72,6 +75,8 @@ VARIANTS = [  # further modes with their own statistics
     ("ties", {"weight": [1.0, 0.6, 0.4], "density": [0.5, 0.3, 0.9]}),
     ("sce", {}),
 ]
+# methods that need 2-D tensors whole (SVD merges: never row-chunked; tests/test_methods_svd.py)
+WHOLE_TENSOR = {"tsvm", "iso_c", "iso_cts", "svc"}
 RANDOM = ["dare_ties", "dare_linear", "della", "della_linear"]
 SHAPES = [(7, 5), (11,), (5, 3, 2)]
 
@@ -87,7 +92,9 @@ def inputs(name: str, shape: tuple[int, ...], seed: int = 0):
 
 
 def test_every_registered_method_has_a_chunking_case():
-    assert set(all_methods()) == set(CASES)
+    assert set(all_methods()) == set(CASES) | WHOLE_TENSOR
+    assert all(get_method(name).needs_whole((7, 5)) for name in WHOLE_TENSOR)
+    assert not any(get_method(name).needs_whole((7, 5)) for name in CASES)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

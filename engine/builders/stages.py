@@ -47,7 +47,7 @@ import psutil
 import torch
 import yaml
 
-from ..schedule.cost_model import fixed_cost, held_bytes, row_cost, statistics_footprint
+from ..schedule.cost_model import fixed_cost, held_bytes, needs_whole, row_cost, statistics_footprint, whole_tensor_bytes
 from ..inputs.dtypes import COMPUTE_DTYPE, element_size, row_elements
 from ...errors import MergeError
 from ..plan.merge_plan import MergePlan, TensorTask
@@ -160,9 +160,20 @@ class StageRows(ComputedRows):
         self.row_bytes = max(row_cost(task) + inline, max((row_cost(task, False) + per_row for per_row, _ in footprint.passes),
                                                           default=0)) + result
         self.fixed_bytes = fixed_cost(task) + footprint.state_fixed + max((f for _, f in footprint.passes), default=0)
+        self.whole = needs_whole(task)  # an SVD merge: computed whole on its first read and held (never per row)
+        if self.whole:
+            self.fixed_bytes += whole_tensor_bytes(task) + task.output.rows * self.row_bytes
         self._statistics: dict | None = None
         self._held: torch.Tensor | None = None
         self._lock = threading.Lock()
+
+    def sibling(self) -> "StageRows":
+        """Another consumer's StageRows of the same task (its own hold, statistics and held rows), without
+        costing the task again: a requantized tensor's parts each read the merge."""
+        other = object.__new__(StageRows)
+        other.__dict__.update(self.__dict__)
+        other.hold, other.reads, other._statistics, other._held, other._lock = False, 0, None, None, threading.Lock()
+        return other
 
     @property
     def hold_bytes(self) -> int:
@@ -170,18 +181,23 @@ class StageRows(ComputedRows):
         return self.task.output.nbytes
 
     @property
+    def holds(self) -> bool:
+        """Held whole between reads: chosen by the scheduler, or forced by a whole-tensor method."""
+        return self.hold or self.whole
+
+    @property
     def held_bytes(self) -> int:
         """Held from a consumer's first partial read to its release: the whole tensor's statistics
         (and its own computed inputs'), and the tensor itself when held."""
-        return self._footprint.state_bytes(self.task.output.rows) + held_bytes(self.task) + (self.hold_bytes if self.hold else 0)
+        return self._footprint.state_bytes(self.task.output.rows) + held_bytes(self.task) + (self.hold_bytes if self.holds else 0)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         task = self.task
         whole = start == 0 and stop == task.output.rows
-        if self.hold and not whole:
+        if self.holds and not whole:
             with self._lock:
                 if self._held is None:
-                    self._held = self._compute_all(stop - start)
+                    self._held = self._compute_all(task.output.rows if self.whole else stop - start)
                 held = self._held
             return held[start:stop].to(COMPUTE_DTYPE)
         stats = None
@@ -373,7 +389,7 @@ def computations(tasks: list[TensorTask], chunk_rows: list[int]) -> dict[str, in
     for task, chunk in zip(tasks, chunk_rows):
         passes = (len(task.method.statistics) if chunk < task.output.rows else 0) + 1
         for _, info in task.all_inputs:
-            visit(info, 1 if isinstance(info.patch, StageRows) and info.patch.hold else passes)
+            visit(info, 1 if isinstance(info.patch, StageRows) and info.patch.holds else passes)
     return counts
 
 
@@ -382,6 +398,6 @@ def held_intermediates(tasks: list[TensorTask]) -> dict[str, int]:
     held: dict[str, set[str]] = {}
     for task in tasks:
         for _, info in task.all_inputs:
-            if isinstance(info.patch, StageRows) and info.patch.hold:
+            if isinstance(info.patch, StageRows) and info.patch.holds:
                 held.setdefault(info.patch.stage, set()).add(info.name)
     return {stage: len(names) for stage, names in held.items()}

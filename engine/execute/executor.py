@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ...errors import MergeError
 from ..schedule.cost_model import is_plain_copy
 from ..output.journal import Journal, covered_ranges, is_covered
 from ..schedule.memory import RssGauge, trim_heap
@@ -158,6 +159,7 @@ class Executor:
         self.done: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self.units_run = 0
+        self.method_notes: list[str] = []  # what methods said about the weights (ctx.warn), e.g. rank deficiency
         self.rss_waits = 0
         self._prefetch_fds: dict = {}
         self._statistics: dict[int, TensorStatistics] = {}  # chunked tensors whose units are running
@@ -338,8 +340,11 @@ class Executor:
                                               self.seed, state.stats))
                 return None
             counts = self.nonfinite.check_inputs(task, base, inputs, unit.row_start, fresh)
+            said = len(self.method_notes)
             out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
-                               None if state is None else state.stats)
+                               None if state is None else state.stats, self.method_notes)
+            if self.nonfinite.strict and len(self.method_notes) > said:
+                raise MergeError(f"{self.method_notes[said]}; --strict stops here (what was written is kept)", exit_code=1)
             del base, inputs
         written = self.nonfinite.check_output(task.output.name, out, unit.row_start, fresh)
         if written:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 
 from ...errors import MergeError
@@ -23,6 +24,8 @@ from ...errors import MergeError
 
 # float8 has no isfinite kernel: its non-finite bit patterns (e4m3fn: NaN only, S.1111.111; e5m2: exponent all ones)
 FLOAT8_NONFINITE = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C)}
+# bfloat16 / float16: a value is non-finite when its exponent bits are all ones (magnitude bits >= this)
+HALF_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
 def _count(x: torch.Tensor | None) -> int:
@@ -31,6 +34,15 @@ def _count(x: torch.Tensor | None) -> int:
     if x.dtype in FLOAT8_NONFINITE:
         mask, pattern = FLOAT8_NONFINITE[x.dtype]
         return int(((x.view(torch.uint8) & mask) == pattern).sum())
+    if x.dtype in HALF_EXPONENT and x.is_contiguous():  # 16-bit floats: the largest magnitude's bits, one pass
+        bits = x.view(torch.int16).numpy().reshape(-1)
+        if int(np.max(bits & 0x7FFF)) < HALF_EXPONENT[x.dtype]:
+            return 0
+    # a finite sum proves every element finite (a NaN or an infinity makes any sum NaN or infinite), and a sum
+    # is one vectorised pass, ~15x cheaper than isfinite on this CPU; a non-finite sum (or an overflow) is
+    # then counted exactly
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return 0
     finite = torch.isfinite(x)
     return 0 if bool(finite.all()) else int(finite.numel() - finite.sum())
 

@@ -34,12 +34,16 @@ def read_inputs(task: TensorTask, start: int, stop: int) -> tuple[torch.Tensor |
 
 
 def context(task: TensorTask, start: int, stop: int, seed: int) -> MergeContext:
-    return MergeContext(task.output.name, start, stop, task.output.rows, seed)
+    return MergeContext(task.output.name, start, stop, task.output.rows, seed, task.input_models)
 
 
-def apply_method(task: TensorTask, base, inputs, start: int, stop: int, seed: int, stats: dict | None) -> torch.Tensor:
-    """The method over rows [start, stop), cast to the output dtype."""
-    out = task.method(base, inputs, task.params, context(task, start, stop, seed), stats)
+def apply_method(task: TensorTask, base, inputs, start: int, stop: int, seed: int, stats: dict | None,
+                 notes: list[str] | None = None) -> torch.Tensor:
+    """The method over rows [start, stop), cast to the output dtype; what the method said (ctx.warn) goes to `notes`."""
+    ctx = context(task, start, stop, seed)
+    out = task.method(base, inputs, task.params, ctx, stats)
+    if notes is not None:
+        notes.extend(n for n in ctx.notes if n not in notes)
     if out.shape != (stop - start,) + task.output.shape[1:] and task.output.shape:
         raise MergeError(f"tensor '{task.output.name}': method {task.method.name} returned shape {list(out.shape)}", exit_code=1)
     return out.to(task.output.dtype)

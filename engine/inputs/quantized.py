@@ -19,8 +19,8 @@ Invariants:
   compressed-tensors format, or float8 weights with no quantization_config are refused in one line.
 - Dequantizing rows [k, n) reads only those stored rows and the scale rows covering them; the result is
   bit-identical to dequantizing the whole tensor and slicing (so bytes do not depend on chunking).
-- The output is written dequantized (its dtype: the recipe's, else the model's `torch_dtype`) and without
-  `quantization_config`: the plan says so (writing the input's format back is not done yet).
+- Each QuantizedRows says how its format writes it back (`kind`, `rule`, the activation scales dropped
+  from the view): engine/builders/requantize.py writes a merge in the base's format from that alone.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ class QuantizedRows(ComputedRows):
                  dequantize, scale_rows=None, align: int = 1):
         self.stored, self.partners, self.shape, self._dequantize = stored, partners, shape, dequantize
         self.format: QuantFormat | None = None  # set by the format's reader
+        self.kind = ""  # the format's write rule (engine/builders/quantize_rules.py): block_fp8, tensor_fp8, ...
+        self.rule: dict = {}  # what the rule needs besides the stored layout (block, ue8m0, compressor, scheme)
+        self.activation: dict[str, TensorInfo] = {}  # the module's static activation scales, dropped from the view
         self._scale_rows = scale_rows or (lambda start, stop: (start, stop))
         self.align = align
         out_row = math.prod(shape[1:]) * F32 if len(shape) > 1 else F32
@@ -203,16 +206,18 @@ def _fp8(tensors: dict[str, TensorInfo], qc: dict, label: str, logical: torch.dt
                                  f"{list(info.shape)} in {block[0]}x{block[1]} blocks needs {list(want)}")
             dequantize, scale_rows = dequant_block_fp8((block[0], block[1]))
             rows = QuantizedRows(info, {"scale": (scale, "rows")}, info.shape, dequantize, scale_rows, align=block[0])
+            rows.kind, rows.rule = "block_fp8", {"block": (block[0], block[1]), "ue8m0": fmt.ue8m0}
         else:
             if scale.nbytes > element_size(scale.dtype) * 1:
                 raise MergeError(f"model '{label}': scale '{name + suffix}' has shape {list(scale.shape)}; per-tensor FP8 "
                                  "needs one number (or set weight_block_size)")
             rows = QuantizedRows(info, {"scale": (scale, "whole")}, info.shape, dequant_per_tensor)
+            rows.kind = "tensor_fp8"
         rows.format = fmt
         fmt.scale_dtypes[name] = scale.dtype
         out[name] = replace(info, dtype=logical, patch=rows)
         out.pop(name + suffix)
-        _drop_activation_scales(out, name.rsplit(".", 1)[0])
+        rows.activation = _drop_activation_scales(out, name.rsplit(".", 1)[0])
         fmt.tensors += 1
     for stray in [n for n in out if n.endswith("_scale_inv")]:
         raise MergeError(f"model '{label}': scale '{stray}' has no float8 weight '{stray.removesuffix('_scale_inv')}'")
@@ -222,10 +227,10 @@ def _fp8(tensors: dict[str, TensorInfo], qc: dict, label: str, logical: torch.dt
 ACTIVATION_SCALES = ("input_scale", "input_global_scale", "input_zero_point", "output_scale")
 
 
-def _drop_activation_scales(tensors: dict[str, TensorInfo], module: str) -> None:
-    """A quantized module's static activation calibration means nothing once its weight is dequantized."""
-    for key in ACTIVATION_SCALES:
-        tensors.pop(f"{module}.{key}", None)
+def _drop_activation_scales(tensors: dict[str, TensorInfo], module: str) -> dict[str, TensorInfo]:
+    """A quantized module's static activation calibration means nothing once its weight is dequantized (it is
+    copied back, as it is, when the module is written quantized again); returned by key."""
+    return {key: tensors.pop(f"{module}.{key}") for key in ACTIVATION_SCALES if f"{module}.{key}" in tensors}
 
 
 def _gpt_oss(tensors: dict[str, TensorInfo], label: str, logical: torch.dtype):
@@ -244,6 +249,7 @@ def _gpt_oss(tensors: dict[str, TensorInfo], label: str, logical: torch.dtype):
         experts, rows_out, groups = info.shape[:3]
         shape = (experts, groups * 32, rows_out)  # transformers' [E, in, out]
         rows = QuantizedRows(info, {"scales": (scales, "rows")}, shape, dequant_gpt_oss_mxfp4)
+        rows.kind, rows.format = "gpt_oss_mxfp4", fmt
         out[base] = replace(info, name=base, dtype=logical, shape=shape, patch=rows)
         del out[name], out[base + "_scales"]
         fmt.tensors += 1
@@ -316,13 +322,15 @@ def _compressed_tensors(tensors: dict[str, TensorInfo], qc: dict, label: str, lo
                                  f"not fit weight '{name}' of shape {list(shape)}")
             rows = QuantizedRows(info, {k: (p, _ct_reading(k, p, shape[0], block)) for k, p in parts.items()}, shape,
                                  dequant_compressed_tensors(compressor, scheme, stored_key), scale_rows, align)
+            rows.kind, rows.format = "compressed_tensors", fmt
+            rows.rule = {"compressor": compressor, "scheme": scheme, "stored_key": stored_key}
             logical_name = f"{module}.weight"
             out[logical_name] = replace(info, name=logical_name, dtype=logical, shape=shape, patch=rows)
             if stored_key != "weight":
                 del out[name]
             for k in parts:
                 out.pop(f"{module}.{k}", None)
-            _drop_activation_scales(out, module)
+            rows.activation = _drop_activation_scales(out, module)
             fmt.tensors += 1
     return out, fmt
 

@@ -251,6 +251,7 @@ class ComputedRows:
     held_bytes: int = 0
     hold: bool = False  # set by the scheduler: compute the whole tensor once and keep it until `release`
     hold_bytes: int = 0  # what holding it costs (0: cannot be held)
+    exact: bool = False  # `read` returns rows in the tensor's own dtype, to be written as they are (never cast)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         raise NotImplementedError

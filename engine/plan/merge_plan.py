@@ -20,9 +20,11 @@ from typing import Any
 import torch
 
 from ...architectures.alignment import align
-from ...architectures.layout import find_layer_stacks, language_stack, parse_layer_name
+from ..inputs.layer_blocks import LayerBlocks, packed_dim
+from ...architectures.layout import find_layer_stacks, language_stack, main_layers, parse_layer_name, prediction_layers
 from ...architectures.vocabulary import is_vocab_tensor
 from ...methods.registry import MergeMethod, get_method
+from ...methods.svc import with_svc_calibration
 from ..recipe.schema import RECIPE_DTYPES
 from ...errors import MergeError
 from ..inputs.lora import open_model
@@ -87,9 +89,37 @@ def resolve_params(method: MergeMethod, output_name: str, t: float, global_level
                     raise MergeError(f"recipe field 'parameters.{p.name}': required by method {method.name}")
                 v = p.default
             values[p.name] = coerce_parameter(p.name, v, p.type, "recipe field 'parameters'")
+            if p.type is tuple:
+                check_model_names(method.name, p.name, values[p.name], [m for m, _, _ in inputs], output_name)
     check_ranges(method.name, values, lambda i: (f"model '{inputs[i][0]}' (tensor '{output_name}')" if i is not None
                                                  else f"recipe field 'parameters' (tensor '{output_name}')"))
     return values
+
+
+def check_model_names(method: str, name: str, names: tuple[str, ...], models: list[str], tensor: str) -> None:
+    """A ModelNames parameter (e.g. CABS' pruning_order) lists each non-base model of the tensor once, or is empty."""
+    if not names:
+        return
+    where = f"recipe field 'parameters.{name}' (method {method}, tensor '{tensor}')"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MergeError(f"{where}: names model '{repeated[0]}' more than once")
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise MergeError(f"{where}: '{unknown[0]}' is not one of the models merged besides the base ({', '.join(models)})")
+    left_out = [m for m in models if m not in names]
+    if left_out:
+        raise MergeError(f"{where}: model '{left_out[0]}' is not listed; list every model besides the base, in the order wanted")
+
+
+def with_calibration(method: MergeMethod, parameters: Parameters) -> MergeMethod:
+    """The recipe's method, followed by a calibration when top-level `parameters.calibrate` asks for one (svc)."""
+    if "calibrate" not in parameters:
+        return method
+    value = parameters["calibrate"]
+    if value != "svc":
+        raise MergeError(f"recipe field 'parameters.calibrate': unknown calibration {value!r} (known: svc)")
+    return with_svc_calibration(method)
 
 
 def sibling_stacks(stack: str, stacks: dict[str, int]) -> list[str]:
@@ -107,7 +137,7 @@ class PlanBuilder:
     def __init__(self, recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: bool = False):
         self.recipe = recipe
         self.sources = sources
-        self.method = get_method(recipe.merge_method)
+        self.method = with_calibration(get_method(recipe.merge_method), recipe.parameters)
         self.truncate_vocab = truncate_vocab  # the user allows vocabularies of different sizes to be cut
         self.truncated: dict[str, str] = {}  # output name -> how its vocabulary rows were cut
         self.warnings: list[str] = []
@@ -293,6 +323,11 @@ class PlanBuilder:
             n = lengths.pop()
             for s in sl.sources:
                 have = self.stacks[s.model].get(stack, 0)
+                main = main_layers(self.stacks[s.model], stack, self.sources[s.model].config) if have else 0
+                if main < s.layer_range[1] <= have:
+                    raise MergeError(f"recipe field 'slices[{si}].sources': layer_range {list(s.layer_range)} reaches layer {main} of "
+                                     f"model '{s.model}', its multi-token-prediction layer (num_nextn_predict_layers); slices select "
+                                     f"among its {main} main layers, and the prediction layers are kept after the output's last layer")
                 if s.layer_range[1] > have:
                     raise MergeError(f"recipe field 'slices[{si}].sources': layer_range {list(s.layer_range)} is beyond model '{s.model}', which has {have} layers")
             base = sl.base_model or r.base_model
@@ -321,10 +356,74 @@ class PlanBuilder:
                         tasks.append(self.task(out_name, t, base_ref, inputs, [sl.parameters, r.parameters]))
                         self._report_slice_task(out_name, base_ref, inputs)
             out_layer += n
-        tasks += self._non_layer_tasks(cut_stacks)
+        tasks += self._prediction_layer_tasks(cut_stacks, stack, out_layer)
+        tasks += self._non_layer_tasks(cut_stacks, stack)
         return tasks, donor, out_layer
 
-    def _non_layer_tasks(self, cut_stacks: list[str]) -> list[TensorTask]:
+    def _prediction_layer_tasks(self, cut_stacks: list[str], stack: str, out_layer: int) -> list[TensorTask]:
+        """A DeepSeek-V3-style model's multi-token-prediction layers, trained on its last layer's output, follow
+        the output's last layer: those of the last slice's models (merged as the last slice merges), renumbered."""
+        sl = self.recipe.slices[-1]
+        first = sl.sources[0]
+        config = self.sources[first.model].config
+        extra = prediction_layers(config)
+        main = main_layers(self.stacks[first.model], stack, config) if stack in self.stacks[first.model] else 0
+        if not extra or self.stacks[first.model].get(stack, 0) != main + extra:
+            return []
+        base = sl.base_model or self.recipe.base_model
+        base_src = next((s for s in sl.sources if s.model == base), None) if self.method.base != "none" else None
+        others = [s for s in sl.sources if s is not base_src]
+        tasks = []
+        for k in range(extra):
+            for cut in cut_stacks:
+                prefix = f"{cut}.{main + k}."
+                for name in [n for n in self.sources[first.model].tensors if n.startswith(prefix)]:
+                    rest = name[len(prefix):]
+                    for s in sl.sources:
+                        src_main = main_layers(self.stacks[s.model], stack, self.sources[s.model].config)
+                        if f"{cut}.{src_main + k}.{rest}" not in self.sources[s.model].tensors:
+                            raise MergeError(f"tensor '{cut}.{src_main + k}.{rest}' (a multi-token-prediction layer) is missing "
+                                             f"from model '{s.model}' (slices[{len(self.recipe.slices) - 1}])")
+                    def src(s, rest=rest, cut=cut, k=k):
+                        return f"{cut}.{main_layers(self.stacks[s.model], stack, self.sources[s.model].config) + k}.{rest}"
+                    out_name = f"{cut}.{out_layer + k}.{rest}"
+                    inputs = [(s.model, src(s), s.parameters) for s in others]
+                    base_ref = (base_src.model, src(base_src)) if base_src else None
+                    tasks.append(self.task(out_name, 1.0, base_ref, inputs, [sl.parameters, self.recipe.parameters]))
+                    self._report_slice_task(out_name, base_ref, inputs)
+        self.warnings.append(f"model '{first.model}': its {extra} multi-token-prediction layer(s) (layers {main}.."
+                             f"{main + extra - 1}) follow the output's {out_layer} layers as layers {out_layer}..{out_layer + extra - 1}")
+        return tasks
+
+    def _layer_block_task(self, name: str, dim: int, stack: str) -> TensorTask:
+        """A tensor packing one block per layer (Gemma3n/Gemma4's per-layer embeddings): output block k is block s_k
+        of the model that gave output layer k (engine/inputs/layer_blocks.py)."""
+        blocks, widths, others = [], set(), set()
+        for si, sl in enumerate(self.recipe.slices):
+            if len(sl.sources) != 1:
+                raise MergeError(f"recipe field 'slices[{si}].sources': tensor '{name}' packs one block per layer, which a "
+                                 "frankenmerge can only restate from single-model slices; merge the models first, then slice")
+            s = sl.sources[0]
+            info = self.sources[s.model].tensors.get(name)
+            layers = main_layers(self.stacks[s.model], stack, self.sources[s.model].config)
+            if info is None or len(info.shape) != 2 or info.shape[dim] % layers:
+                raise MergeError(f"tensor '{name}' of model '{s.model}' does not pack {layers} per-layer blocks along dim {dim}")
+            widths.add(info.shape[dim] // layers)
+            others.add(info.shape[1 - dim])
+            blocks += [(info, layer) for layer in range(*s.layer_range)]
+        if len(widths) != 1 or len(others) != 1:
+            raise MergeError(f"tensor '{name}': its per-layer blocks differ in size between the slices' models")
+        width = widths.pop()
+        gather = LayerBlocks(blocks, dim, width)
+        first = blocks[0][0]
+        info = TensorInfo(name, first.file, first.offset, torch.float32, gather.shape, gather)
+        model = self.recipe.slices[0].sources[0].model
+        self.report.append({"tensor": name, "action": "restated per layer", "from": list(dict.fromkeys(
+            s.model for sl in self.recipe.slices for s in sl.sources)), "reason": f"one block per layer along dim {dim}"})
+        return TensorTask(OutputTensor(name, self.output_dtype([first]), gather.shape), None, (info,), (model,),
+                          {"scale": [1.0]}, get_method("passthrough"))
+
+    def _non_layer_tasks(self, cut_stacks: list[str], stack: str = "") -> list[TensorTask]:
         r = self.recipe
         tasks = []
         donor_model = r.slices[0].sources[0].model
@@ -332,6 +431,10 @@ class PlanBuilder:
             if self.only is not None and name not in self.only:
                 continue
             if any(name.startswith(cut + ".") for cut in cut_stacks):
+                continue
+            dim = packed_dim(name)
+            if dim is not None and stack:
+                tasks.append(self._layer_block_task(name, dim, stack))
                 continue
             sl = r.slices[0] if "embed" in name else r.slices[-1]
             base = sl.base_model or r.base_model
@@ -350,6 +453,18 @@ class PlanBuilder:
         models = ([base_ref[0]] if base_ref else []) + [m for m, _, _ in inputs]
         self.report.append({"tensor": out_name, "action": "merged", "from": list(dict.fromkeys(models)),
                             "reason": self.truncated.get(out_name, "")})
+
+
+def lora_rank_warnings(method: MergeMethod, sources: dict[str, ModelSource], base_model: str | None) -> list[str]:
+    """An SVD merge of a base-plus-LoRA input: its task vectors may have the adapter's low rank (unstable)."""
+    if method.whole_tensor is None:
+        return []
+    lora = [label for label, src in sources.items() if label != base_model and getattr(src, "adapter", None) is not None]
+    if not lora:
+        return []
+    return [f"model '{lora[0]}'{f' (and {len(lora) - 1} more)' if len(lora) > 1 else ''} is a model plus a LoRA adapter: "
+            f"where the adapter applies its task vector may have the adapter's low rank, and {method.name} merges "
+            f"rank-deficient task vectors unstably (the run names each such tensor)"]
 
 
 def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: bool = False) -> MergePlan:
@@ -389,6 +504,7 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: 
         set_vision_layers(config, sliced, warnings)
     if builder.vocabulary is None:
         check_tokenizer_source(recipe, sources, donor, tasks)
+    warnings += lora_rank_warnings(builder.method, sources, recipe.base_model)
     if "auto_map" in config:
         warnings.append(f"model '{donor}' uses custom code (auto_map in config.json): its *.py files are copied "
                         f"to the output, and loading it needs trust_remote_code=True")

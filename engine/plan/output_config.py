@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 
 from ...architectures.config_layers import relayer_config
-from ...architectures.layout import find_layer_stacks, language_stack
+from ...architectures.layout import find_layer_stacks, language_stack, main_layers
 from ...architectures.vocabulary import config_vocab_holders
 from ..recipe.schema import RECIPE_DTYPES
 from ..recipe.load import Recipe
@@ -94,9 +94,11 @@ def set_layers(config: dict, recipe: Recipe, donor: ModelSource, layers: int) ->
     per-layer account of the slices (or a count the config states), only `num_hidden_layers`."""
     stacks = find_layer_stacks(list(donor.tensors))
     stack = language_stack(stacks, donor.config)
-    before = stacks.get(stack) if stack else None
+    before = main_layers(stacks, stack, donor.config) if stack else None
     sources = slice_layer_sources(recipe, layers)
-    if before and sources and relayer_config(config, sources, before):
+    # an encoder-decoder with both sides stored: cutting one side leaves the other side's counts alone
+    paired = stack if any("encoder" in p for p in stacks) and any("decoder" in p for p in stacks) else ""
+    if before and sources and relayer_config(config, sources, before, paired):
         return  # a config that states no count derives it from the per-layer lists just rewritten
     holder = config if "num_hidden_layers" in config or "text_config" not in config else config["text_config"]
     holder["num_hidden_layers"] = layers

@@ -37,7 +37,7 @@ def _field_path(loc: tuple) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("list[float]", "list[Condition]", "bool", "int", "float", "str", "tuple[int, int]"):
+        elif p in ("list[float]", "list[Condition]", "list[str]", "bool", "int", "float", "str", "tuple[int, int]"):
             continue  # union-branch names pydantic adds to the path
         else:
             parts.append(("." if parts else "") + str(p))
@@ -117,6 +117,8 @@ def _value_at(value: ParamValue, tensor_name: str, t: float) -> Any:
             if cond.filter is None or cond.filter == "*" or cond.filter in tensor_name:
                 return _value_at(cond.value, tensor_name, t)
         return _UNSET
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)  # a list of names (a ModelNames parameter), never a gradient
     if isinstance(value, list):
         return gradient_value(value, t)
     return value

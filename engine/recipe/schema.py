@@ -38,7 +38,7 @@ class Condition(BaseModel):
     value: Union[Scalar, list[float]]
 
 
-ParamValue = Union[Scalar, list[float], list[Condition]]
+ParamValue = Union[Scalar, list[float], list[Condition], list[str]]  # list[str]: model names (ModelNames)
 Parameters = dict[str, ParamValue]
 
 

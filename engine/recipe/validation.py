@@ -160,6 +160,17 @@ _FALSE = {"false", "no", "off", "f", "n", "0"}
 
 def coerce_parameter(name: str, value: Any, expected: type, where: str) -> Any:
     """A resolved value as the method's type, read the way mergekit's pydantic-style reading allows."""
+    if expected is tuple:  # ModelNames: a list of model strings (a single one is a list of one)
+        names = (value,) if isinstance(value, str) else value
+        if isinstance(names, (tuple, list)) and all(isinstance(v, str) for v in names):
+            return tuple(names)
+        raise MergeError(f"{where}: parameter '{name}' must be a list of model names (their `model:` strings), got {value!r}")
+    if expected is str:
+        if isinstance(value, str):
+            return value
+        raise MergeError(f"{where}: parameter '{name}' must be a name, got {value!r}")
+    if isinstance(value, tuple):
+        raise MergeError(f"{where}: parameter '{name}' must be a number, got the list of names {list(value)!r}")
     if isinstance(value, str):
         text = value.strip().lower()
         if expected is bool and text in _TRUE | _FALSE:
@@ -202,6 +213,8 @@ RANGES = (
     Range(("sce",), "select_topk", lambda v: 0 < v <= 1, "in (0, 1]"),
     Range(("multislerp",), "eps", lambda v: v >= 0, "at least 0"),
     Range(("karcher",), "tol", lambda v: v >= 0, "at least 0"),
+    Range(("iso_cts",), "common_space_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    Range(("svc",), "alpha", lambda v: v > 0, "above 0 (γ_r = N / Σ max(α, s) would divide by zero)"),
 )
 
 
@@ -214,6 +227,18 @@ def check_ranges(method: str, values: dict[str, Any], where_of: Callable[[int | 
         for i, x in (enumerate(v) if isinstance(v, list) else [(None, v)]):
             if not r.allows(x):
                 raise MergeError(f"{where_of(i)}: parameter '{r.parameter}' must be {r.text} for {method}, got {x}")
+    if "svc_alpha" in values and not values["svc_alpha"] > 0:
+        raise MergeError(f"{where_of(None)}: parameter 'svc_alpha' must be above 0 for calibrate: svc, got {values['svc_alpha']}")
+    if method == "svc" and values["merged"].count(True) != 1:
+        raise MergeError(f"{where_of(None)}: svc needs exactly one model marked as the merge with "
+                         f"`parameters: {{merged: true}}` on that model ({values['merged'].count(True)} marked)")
+    if method == "cabs":
+        for i, (n, m) in enumerate(zip(values["n_val"], values["m_val"])):
+            n = values["default_n_val"] if n == -1 else n
+            m = values["default_m_val"] if m == -1 else m
+            if m <= 0 or not 0 <= n <= m:
+                raise MergeError(f"{where_of(i)}: cabs needs m_val > 0 and 0 ≤ n_val ≤ m_val (-1: the default_ value), "
+                                 f"got n_val {n}, m_val {m}")
     if method in ("della", "della_linear"):
         for i, (d, e) in enumerate(zip(values["density"], values["epsilon"])):
             if d < 1 and (d - e <= 0 or d + e >= 1):

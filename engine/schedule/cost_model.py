@@ -6,6 +6,10 @@
       + its statistics partial (a statistics pass)          or
       + the whole tensor's statistics (an unchunked tensor, whose passes run inline)
 
+    whole-tensor unit (a method that needs every row at once, e.g. an SVD merge: never chunked)
+      = the unit above over all rows + the method's declared workspace (SVD factors and LAPACK's
+        work arrays, a model fitted to measured peaks: methods/subspace.py `svd_elements`)
+
     tensor state (a chunked tensor)
       = its combined statistics (engine/plan/statistics.py), held from its first statistics unit
         to its last apply unit
@@ -46,9 +50,11 @@ RESERVE_BYTES = HEAP_SLACK + RUNTIME_OVERHEAD + (32 << 20)
 
 
 def is_plain_copy(task: TensorTask) -> bool:
-    """Passthrough at scale 1 into the same dtype, unpatched: bytes are copied without conversion."""
+    """Passthrough at scale 1 into the same dtype, unpatched (or computed in that dtype, an `exact` ComputedRows):
+    rows are copied without conversion."""
     src = task.inputs[0]
-    return task.method.name == "passthrough" and task.params.get("scale") == [1.0] and src.dtype == task.output.dtype and src.patch is None
+    return (task.method.name == "passthrough" and task.params.get("scale") == [1.0] and src.dtype == task.output.dtype
+            and (src.patch is None or getattr(src.patch, "exact", False)))
 
 
 def row_cost(task: TensorTask, apply: bool = True) -> int:
@@ -62,7 +68,8 @@ def row_cost(task: TensorTask, apply: bool = True) -> int:
 def _row_cost(task: TensorTask, apply: bool) -> int:
     elems = row_elements(task.output.shape)
     if is_plain_copy(task):
-        return task.inputs[0].row_bytes
+        src = task.inputs[0]
+        return src.row_bytes + (src.patch.row_bytes if src.patch is not None else 0)
     infos = [info for _, info in task.all_inputs]
     inputs = len(infos) * elems * F32  # every input, as float32
     # phases of a unit (executor._run_unit): read+convert one input at a time, merge, cast the result
@@ -127,7 +134,7 @@ def _probe(task: TensorTask, tail: tuple[int, ...]) -> StatisticsFootprint:
     shape = (PROBE_ROWS,) + tail
     base = torch.randn(shape, generator=gen) if task.base is not None else None
     inputs = [torch.randn(shape, generator=gen) for _ in task.inputs]
-    ctx = MergeContext(task.output.name, 0, PROBE_ROWS, PROBE_ROWS, 0)
+    ctx = MergeContext(task.output.name, 0, PROBE_ROWS, PROBE_ROWS, 0, task.input_models)
     folded = TensorStatistics(PROBE_ROWS, 1, len(task.method.statistics))
     passes = []
     try:
@@ -158,11 +165,23 @@ def unit_bytes(task: TensorTask, footprint: StatisticsFootprint, pass_index: int
     """Live bytes of one unit: pass `pass_index` (== number of statistics passes: apply) over `rows` rows."""
     apply = pass_index == len(task.method.statistics)
     live = rows * row_cost(task, apply) + fixed_cost(task)
+    if apply and rows == task.output.rows:
+        live += whole_tensor_bytes(task)
     if not apply:
         return live + footprint.partial_bytes(pass_index, rows)
     if inline_statistics:  # the passes run inside the unit on the rows it holds
         live += footprint.state_bytes(rows) + max((footprint.partial_bytes(p, rows) for p in range(len(footprint.passes))), default=0)
     return live
+
+
+def whole_tensor_bytes(task: TensorTask) -> int:
+    """What a whole-tensor method (an SVD merge) holds beside its inputs: its declared workspace, in bytes."""
+    return F32 * task.method.whole_tensor_cost(task.output.shape, len(task.inputs)).elements
+
+
+def needs_whole(task: TensorTask) -> bool:
+    """`task`'s method needs all of its rows at once (an SVD): one unit, never row-chunked."""
+    return task.method.needs_whole(task.output.shape) and not is_plain_copy(task)
 
 
 # -- work that is not a merge unit -----------------------------------------------------------------

@@ -11,6 +11,8 @@ What the order optimises, highest priority first (each rule is a line of `make_s
 1. Never cross the budget. A unit's bytes come from the one cost model; a tensor is cut into
    equal row chunks when its unit would not fit a worker's share of the work budget (or the
    unit cap), so any `workers` consecutive units fit together with their tensors' states.
+   A tensor whose method needs it whole (an SVD merge) is one unit whatever its size; a budget
+   that cannot hold it is refused up front, naming the tensor (`require_feasible`).
 2. Free early. All units of one tensor are consecutive (its passes back to back), so a chunked
    tensor's statistics state, and what its computed inputs hold, lives only from its first unit
    to its last, and at most `workers` tensors hold state at once.
@@ -48,8 +50,12 @@ Vocabulary (the code uses these words):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from .cost_model import RESERVE_BYTES, RUNTIME_OVERHEAD, fixed_cost, held_bytes, row_cost, statistics_footprint, unit_bytes
+import numpy as np
+
+from .cost_model import (RESERVE_BYTES, RUNTIME_OVERHEAD, fixed_cost, held_bytes, needs_whole, row_cost, statistics_footprint,
+                         unit_bytes)
 from ...errors import MergeError
 from .memory import format_size, heap_slack
 from ..plan.merge_plan import TensorTask
@@ -59,8 +65,7 @@ from ..inputs.source import ComputedRows, disk_row_bytes, stored_origin
 MAX_UNIT_BYTES = 64 << 20
 
 
-@dataclass(frozen=True)
-class WorkUnit:
+class WorkUnit(NamedTuple):  # a tuple: a 671B plan makes a million of them (a frozen dataclass: 3x slower to make)
     task: int  # index into the plan's tasks
     pass_index: int  # 0..len(statistics)-1: statistics passes; len(statistics): apply (with inline
     # statistics when the unit holds every row of its tensor)
@@ -84,6 +89,8 @@ class Schedule:
     min_budget: int
     merge_bytes: dict[str, int]  # largest unit per output tensor
     state_bytes: list[int]  # per task: statistics held between its passes (0: none)
+    binding: str | None = None  # the tensor whose smallest unit sets min_budget
+    binding_whole: bool = False  # ... and its method needs it whole (an SVD merge), so it cannot be chunked
 
     @property
     def work_budget(self) -> int:
@@ -107,9 +114,13 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
     """`hold_intermediates=False`: every read of a multi-stage intermediate recomputes it (tests)."""
     work_budget = budget - baseline - RESERVE_BYTES
     footprints = [statistics_footprint(t) for t in tasks]
-    min_budget = baseline + RESERVE_BYTES + max((_smallest_need(t, f) for t, f in zip(tasks, footprints)), default=0)
+    needs = [_smallest_need(t, f) for t, f in zip(tasks, footprints)]
+    binding = max(range(len(tasks)), key=needs.__getitem__, default=None)
+    min_budget = baseline + RESERVE_BYTES + (needs[binding] if binding is not None else 0)
+    named = (tasks[binding].output.name, needs_whole(tasks[binding])) if binding is not None else (None, False)
     if budget < min_budget:  # nothing can run; the plan reports the smallest budget that works
-        return Schedule([], [t.output.rows for t in tasks], budget, baseline, workers, min_budget, min_budget, {}, [0] * len(tasks))
+        return Schedule([], [t.output.rows for t in tasks], budget, baseline, workers, min_budget, min_budget, {}, [0] * len(tasks),
+                        *named)
     order = sorted(range(len(tasks)), key=lambda i: read_position(tasks[i]))  # rule 3: read forward
     units: list[WorkUnit] = []
     chunk_rows: list[int] = [0] * len(tasks)
@@ -135,7 +146,7 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
                     size = sizes[p, stop - start] = unit_bytes(task, footprint, p, stop - start, inline)
                 units.append(WorkUnit(i, p, start, stop, size))
     peak = predicted_peak(units, state_bytes, workers, work_budget, baseline)
-    return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes, state_bytes)
+    return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes, state_bytes, *named)
 
 
 def predicted_peak(units: list[WorkUnit], state_bytes: list[int], workers: int, work_budget: int, baseline: int) -> int:
@@ -152,6 +163,8 @@ def _chunk_rows(task: TensorTask, footprint, work_budget: int, workers: int, max
     The share is the work budget over the workers, less (for a chunked tensor) its statistics
     state; `max_unit_bytes` caps the part of a unit that grows with its rows."""
     rows = task.output.rows
+    if needs_whole(task):  # an SVD needs every row at once: one unit (the budget check is min_budget's)
+        return rows
     statistics = len(task.method.statistics)
     share = max(work_budget // workers, 1)
     whole = unit_bytes(task, footprint, statistics, rows, inline_statistics=True)
@@ -191,6 +204,8 @@ def holdable(info) -> bool:
 def _smallest_need(task: TensorTask, footprint) -> int:
     """Work bytes the smallest unit of `task` needs: one row, plus the statistics state when chunked."""
     statistics = len(task.method.statistics)
+    if needs_whole(task):
+        return unit_bytes(task, footprint, statistics, task.output.rows, True)
     one_row = max(unit_bytes(task, footprint, p, 1, False) for p in range(statistics + 1))
     if task.output.rows == 1:
         return unit_bytes(task, footprint, statistics, 1, True)
@@ -218,17 +233,40 @@ def read_position(task: TensorTask) -> tuple[str, int]:
 
 
 def _peak_live(units: list[WorkUnit], state_bytes: list[int], workers: int, work_budget: int) -> int:
-    """Largest live bytes of `workers` consecutive units, plus the statistics state of their tensors."""
-    best = 0
-    for k in range(len(units)):
-        window = units[max(0, k - workers + 1):k + 1]
-        live = sum(u.live_bytes for u in window) + sum(state_bytes[t] for t in {u.task for u in window})
-        best = max(best, live)
-    largest = max((u.live_bytes + state_bytes[u.task] for u in units), default=0)
+    """Largest live bytes of `workers` consecutive units, plus the statistics state of their tensors.
+
+    A tensor's units are consecutive (rule 2), so unit k - d adds its tensor's state to the window ending at
+    k unless unit k - d + 1 belongs to the same tensor: vectorised, the sum over windows of a million units
+    takes milliseconds."""
+    if not units:
+        return 0
+    live = np.fromiter((u.live_bytes for u in units), dtype=np.int64, count=len(units))
+    task = np.fromiter((u.task for u in units), dtype=np.int64, count=len(units))
+    state = np.asarray(state_bytes, dtype=np.int64)[task]
+    ends_run = np.ones(len(units), dtype=bool)  # unit k - d is the last of its tensor's units in the window
+    ends_run[:-1] = task[:-1] != task[1:]
+    total = np.zeros(len(units), dtype=np.int64)
+    for d in range(workers):
+        shifted_live = np.zeros(len(units), dtype=np.int64)
+        shifted_state = np.zeros(len(units), dtype=np.int64)
+        shifted_live[d:] = live[:len(units) - d]
+        counts = ends_run if d else np.ones(len(units), dtype=bool)
+        shifted_state[d:] = np.where(counts, state, 0)[:len(units) - d]
+        if d:  # within the window, a unit k - d whose successor is in it too counts unless it ends its tensor's run
+            total += shifted_live + shifted_state
+        else:
+            total += live + state
+    best = int(total.max())
+    largest = int((live + state).max())
     return min(best, max(work_budget, largest))
 
 
 def require_feasible(schedule: Schedule) -> None:
+    if not schedule.feasible and schedule.binding_whole:
+        raise MergeError(
+            f"--ram {format_size(schedule.budget)} is too small for tensor '{schedule.binding}': its merge method takes an SVD "
+            f"of the whole tensor, which cannot be cut into row chunks; the smallest budget that works is "
+            f"{format_size(schedule.min_budget)} (or leave the tensor out of the merge with `exclude:`)")
     if not schedule.feasible:
         raise MergeError(
             f"--ram {format_size(schedule.budget)} is too small: the process needs {format_size(schedule.baseline)} "
