@@ -570,3 +570,18 @@ def test_names_from_files_and_recipes_are_printed_as_text_never_as_markup_or_ext
                        name="bad.yml")
     refused = cli("run", bad, "-o", tmp_path / "out2")
     assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1, refused.output
+
+
+def test_moe_prompts_never_run_a_base_models_tokenizer_code_without_trust_remote_code(tmp_path, tiny_models):
+    import yaml
+
+    marker = tmp_path / "ran.txt"
+    model = _model_with_code(tmp_path, tiny_models, marker)
+    config = tmp_path / "moe.yml"
+    config.write_text(yaml.safe_dump({"base_model": str(model), "gate_mode": "cheap_embed", "experts": [
+        {"source_model": str(model), "positive_prompts": ["w5 w6"]}, {"source_model": str(tiny_models["a"]), "positive_prompts": ["w7"]}]}))
+    result = cli("moe", config, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "cannot load its tokenizer" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not marker.exists()
+    cli("moe", config, "-o", tmp_path / "out2", "--trust-remote-code")  # the user's word: its code runs (the test can fail)
+    assert marker.exists()
