@@ -7,7 +7,7 @@ truncation at every section boundary, entries of the index, keys of config.json,
 recipe), merges it in-process through the Python API, and checks the outcome:
 - a MergeError: its message is one line, its exit code 2 (1 only for failures while running);
 - success: every output tensor equals what the reference reader (the safetensors package) reads from
-  the same files, merged by hand.
+  the same files, merged by hand, and the measured peak RSS stayed within --ram.
 Anything else (another exception, a multi-line message, SIGALRM after HANG_S seconds) fails.
 Bounded: each property runs a fixed number of examples with a deadline, ~25 s in all on two cores.
 """
@@ -122,7 +122,7 @@ def _merge_outcome(recipe: dict | str, out: Path) -> bool:
     """Run the merge; True when it succeeded, False when it refused in one line; raise otherwise."""
     try:
         with _alarm(HANG_S):
-            merge(recipe, out, ram="2G", workers=1)
+            profile = merge(recipe, out, ram="2G", workers=1)
     except MergeError as e:
         message = str(e)
         _event("refused: " + message.split(":")[-1][:40].strip())
@@ -131,6 +131,7 @@ def _merge_outcome(recipe: dict | str, out: Path) -> bool:
         assert "Traceback" not in message and "internal error" not in message
         return False
     _event("merged")
+    assert profile["peak_rss_bytes"] <= profile["ram_budget_bytes"], profile  # whatever the input said, within --ram
     return True
 
 
