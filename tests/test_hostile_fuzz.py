@@ -287,10 +287,18 @@ def test_random_edits_of_an_index_end_in_one_line_or_a_correct_merge(pristine, e
 
 # -- config.json -----------------------------------------------------------------------------------
 
+quantization_configs = st.builds(
+    lambda method, extra: {"quant_method": method, **extra},
+    st.sampled_from(["fp8", "compressed-tensors", "mxfp4", "bitsandbytes", "gptq", ""]),
+    st.dictionaries(st.sampled_from(["weight_block_size", "config_groups", "format", "fmt", "activation_scheme", "ignore",
+                                     "modules_to_not_convert", "quantization_status"]),
+                    st.one_of(json_values, st.lists(st.integers(-2, 256), max_size=3)), max_size=3))
+
+
 @FAST
 @given(edits=st.dictionaries(st.sampled_from(list(CONFIG) + ["auto_map", "tie_word_embeddings", "quantization_config",
                                                              "text_config", "layer_types", "head_dim"]),
-                             st.one_of(st.just("DELETE"), json_values), min_size=1, max_size=4),
+                             st.one_of(st.just("DELETE"), json_values, quantization_configs), min_size=1, max_size=4),
        raw=st.one_of(st.none(), st.binary(max_size=12)))
 def test_random_edits_of_a_config_end_in_one_line_or_a_correct_merge(pristine, edits, raw):
     with _workspace(pristine, "single") as (model, root):
