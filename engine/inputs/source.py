@@ -4,6 +4,11 @@ Only headers are parsed when a source opens; no weight is touched. Reads use `os
 into buffers the engine allocates and frees (never a long-lived mmap, whose touched pages stay
 in RSS), for a whole tensor or a contiguous range of its rows. Every file's size is checked
 against its header, so a truncated download is reported by file name before any work starts.
+
+A model's files are written by strangers, so nothing in them is trusted (the one header reader and
+the one JSON reader, `parse_safetensors_header` and `parse_json`): every defect is one MergeError
+naming the file, and every file name a model gives (an index's shards, an auto_map's modules, a
+tokenizer_config's files) must name a file inside its own folder (`refuse_outside_name`, the one rule).
 """
 
 from __future__ import annotations
