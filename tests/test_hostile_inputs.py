@@ -585,3 +585,12 @@ def test_moe_prompts_never_run_a_base_models_tokenizer_code_without_trust_remote
     assert len(result.output.strip().splitlines()) == 1 and not marker.exists()
     cli("moe", config, "-o", tmp_path / "out2", "--trust-remote-code")  # the user's word: its code runs (the test can fail)
     assert marker.exists()
+
+
+def test_fresh_rows_are_the_rows_no_recorded_chunk_covers():
+    from mergeng.engine.execute.nonfinite import fresh_rows
+
+    assert fresh_rows(0, 8, []) is None and fresh_rows(8, 16, [(0, 8)]) is None  # nothing to cut: count every row
+    assert fresh_rows(0, 16, [(0, 8)]) == [(8, 16)]
+    assert fresh_rows(0, 16, [(2, 4), (6, 8), (20, 24)]) == [(0, 2), (4, 6), (8, 16)]
+    assert fresh_rows(4, 8, [(0, 16)]) == []
