@@ -11,8 +11,18 @@ is the only errors module (one class, so one `except MergeError` catches all).
 
 
 class MergeError(Exception):
-    """A problem the user can fix; `exit_code` 2 for bad input, 1 for a failure while running."""
+    """A problem the user can fix; `exit_code` 2 for bad input, 1 for a failure while running.
+
+    The message is one line whatever it quotes: a control character (a newline in a recipe key or a
+    file's JSON) is shown escaped, as Python writes it in a string (`\\n`)."""
 
     def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
+        super().__init__(one_line(str(message)))
         self.exit_code = exit_code
+
+
+def one_line(message: str) -> str:
+    """`message` with its control characters escaped (warnings use it too)."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)

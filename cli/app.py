@@ -23,7 +23,7 @@ import typer
 from ..errors import MergeError
 from . import mergekit_options as mk
 from .console import console, fail, out
-from .execute import execute, run_recipe
+from .execute import execute, output_folder, run_recipe
 from .lora_cmd import lora_app
 from .moe_cmd import moe
 from .options import (HELP_OPTIONS, AddressOption, DebugOption, DequantizeOption, ExecutorOption, FreshOption, MaxUnitOption, RamOption,
@@ -108,7 +108,7 @@ def run(
                strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
                intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream,
-               space_check=not no_space_check, dequantize=dequantize)
+               space_check=not no_space_check, trust_remote_code=trust_remote_code, dequantize=dequantize)
 
 
 @app.command()
@@ -127,44 +127,39 @@ def plan(
     stream: bool = StreamOption,
     transformers_cache: Optional[str] = mk.TransformersCacheOption,
     dequantize: bool = DequantizeOption,
+    trust_remote_code: bool = mk.TrustRemoteCodeOption,
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Where `run` will write (default: as run's, ./merged/<recipe stem>): "
+                                           "the plan shows the free space there against the output's size."),
     debug: bool = DebugOption,
 ):
-    """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM.
+    """Show what a merge will do, reading headers only: tensors, shards, bytes, peak RAM, disk space.
 
     Example: mergeng plan configs/linear.yml --ram 2G --format json
     """
     from ..engine.inputs.hub import HubOptions
-    from ..engine.run import prepare
+    from ..engine.inputs.remote_code import trusting_remote_code
     from .plan_html import render_html
     from .plan_view import plan_summary, ray_summary, render_dot, render_partitions, render_text, with_estimate
 
     try:
-        ray_plan = None
-        if executor_name(executor, address) == "ray":  # partitions and memory requests from the cluster's nodes
-            from ..engine.cluster.plan import plan_on_ray
-
-            ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
-                                   address=address, strict=strict, truncate_vocab=truncate_vocab,
-                                   hub=HubOptions(transformers_cache, stream), dequantize=dequantize)
-            prepared = ray_plan.prepared
-        else:
-            prepared = prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, stream), max_unit_bytes(max_unit),
-                               strict=strict, truncate_vocab=truncate_vocab, hub=HubOptions(transformers_cache, stream),
-                               dequantize=dequantize)
+        with trusting_remote_code(trust_remote_code):
+            ray_plan, prepared = _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict,
+                                                   truncate_vocab, HubOptions(transformers_cache, stream), dequantize)
         if not prepared.schedule.feasible and prepared.schedule.binding_whole:
             from ..engine.schedule.scheduler import require_feasible
 
             require_feasible(prepared.schedule)  # a tensor that needs a whole SVD cannot fit: one line, exit 2
+        target = output_folder(recipe, None, out_dir)
         if fmt == "json":
             # plain JSON (rich's highlighter took 38 s on a 92k-tensor plan); a pipe or a terminal gets the same text
-            print(json.dumps({**plan_summary(prepared), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}, indent=2))
+            print(json.dumps({**plan_summary(prepared, target), **({"ray": ray_summary(ray_plan)} if ray_plan else {})}, indent=2))
         elif fmt == "dot":
             print(render_dot(prepared))
         elif fmt == "html":
-            summary, predicted = with_estimate(prepared, plan_summary(prepared))
+            summary, predicted = with_estimate(prepared, plan_summary(prepared, target))
             print(render_html(prepared, summary, predicted, profile))
         elif fmt == "text":
-            render_text(prepared, out)
+            render_text(prepared, out, target)
             if ray_plan:
                 render_partitions(ray_plan, out)
         else:
@@ -173,6 +168,22 @@ def plan(
         fail(e, debug)
     if not prepared.schedule.feasible:
         raise typer.Exit(1)
+
+
+def _prepare_for_plan(recipe, ram, shard_size, workers, max_unit, executor, address, strict, truncate_vocab, hub, dequantize):
+    """`plan`'s prepared merge (and the Ray partitions with --executor ray)."""
+    from ..engine.run import prepare
+
+    ray_plan = None
+    if executor_name(executor, address) == "ray":  # partitions and memory requests from the cluster's nodes
+        from ..engine.cluster.plan import plan_on_ray
+
+        ray_plan = plan_on_ray(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, hub.stream),
+                               max_unit_bytes(max_unit), address=address, strict=strict, truncate_vocab=truncate_vocab, hub=hub,
+                               dequantize=dequantize)
+        return ray_plan, ray_plan.prepared
+    return None, prepare(recipe, ram_budget(ram), shard_bytes(shard_size), worker_count(workers, hub.stream),
+                         max_unit_bytes(max_unit), strict=strict, truncate_vocab=truncate_vocab, hub=hub, dequantize=dequantize)
 
 
 @app.command()

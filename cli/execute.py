@@ -17,8 +17,9 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from ..errors import MergeError
+from ..errors import MergeError, one_line
 from . import mergekit_options as mk
 from .console import console, fail
 from .options import executor_name, max_unit_bytes, ram_budget, shard_bytes, worker_count
@@ -30,8 +31,22 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
                allow_crimes: bool = False, copy_tokenizer: bool = True, write_model_card: bool = True, verbose: int = 0,
                quiet: bool = False, flags: Optional[mk.MergekitFlags] = None, intermediate_dir: Optional[Path] = None,
                executor: str = "local", address: Optional[str] = None, stream: bool = False, space_check: bool = True,
-               dequantize: bool = False) -> None:
-    """`mergeng run` with plain arguments (also `lora apply`'s body)."""
+               dequantize: bool = False, trust_remote_code: bool = False) -> None:
+    """`mergeng run` with plain arguments (also `lora apply`'s body). Code a model carries runs only with
+    `trust_remote_code` (engine/inputs/remote_code.py)."""
+    from ..engine.inputs.remote_code import trusting_remote_code
+
+    with trusting_remote_code(trust_remote_code):
+        _run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
+                    strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
+                    copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
+                    intermediate_dir=intermediate_dir, executor=executor, address=address, stream=stream, space_check=space_check,
+                    dequantize=dequantize)
+
+
+def _run_recipe(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path], *, ram, shard_size, workers, fresh, seed,
+                strict, truncate_vocab, max_unit, debug, allow_crimes, copy_tokenizer, write_model_card, verbose, quiet, flags,
+                intermediate_dir, executor, address, stream, space_check, dequantize) -> None:
     from ..engine.inputs.hub import HubOptions
     from ..engine.run import hub_pins, prepare, prepared_stages_on_disk
 
@@ -40,7 +55,7 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
         notes = (flags or mk.MergekitFlags()).check()
         if not quiet:
             for note in notes:
-                console.print(f"[cyan]note:[/cyan] {note}", highlight=False, soft_wrap=True)
+                console.print(f"[cyan]note:[/cyan] {escape(note)}", highlight=False, soft_wrap=True)
         mk.set_num_threads(flags.num_threads if flags else None)
         hub = HubOptions(flags.transformers_cache if flags else None, stream, {} if fresh else hub_pins(target))
         options = dict(seed=seed, strict=strict, truncate_vocab=truncate_vocab, allow_crimes=allow_crimes, hub=hub,
@@ -73,7 +88,7 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
         if verbose:
             from .plan_view import render_text
 
-            render_text(prepared, console)
+            render_text(prepared, console, target)
         execute(prepared, target, fresh, quiet=quiet, copy_tokenizer=copy_tokenizer, write_model_card=write_model_card,
                 space_check=space_check)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
@@ -102,7 +117,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
 
     warnings = prepared.plan.warnings
     for w in warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(w))}", highlight=False, soft_wrap=True)
     total = sum(t.output.nbytes for t in prepared.plan.tasks)
     fetch = sum(h.fetch_bytes for h in hub_inputs(prepared.plan))
     shown = Console(stderr=True, quiet=True) if quiet else console
@@ -116,21 +131,21 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)
     for note in profile.get("method_notes") or []:
-        console.print(f"[yellow]warning:[/yellow] {note}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(note))}", highlight=False, soft_wrap=True)
     nonfinite = NonFinite.summary(profile.get("nonfinite"))
     if nonfinite:
-        console.print(f"[yellow]warning:[/yellow] {nonfinite}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(nonfinite))}", highlight=False, soft_wrap=True)
     if quiet:
         return profile
     resumed = " (resumed)" if profile["resumed"] else ""
     peak = max(profile["peak_rss_bytes"], earlier_peak)
-    warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {target / STATE_DIR / 'report.json'}" if warnings else ""
+    warned = f"; [yellow]{len(warnings)} warning(s)[/yellow], see {escape(str(target / STATE_DIR / 'report.json'))}" if warnings else ""
     if "nodes" in profile:  # a Ray cluster (engine/cluster/run.py): the tasks' peaks per node
         nodes = ", ".join(f"{format_size(n['peak_rss_bytes'])} on {label}" for label, n in profile["nodes"].items() if n["tasks"])
-        console.print(f"[green]{done}[/green] into {target}{resumed} by {len(profile['partitions'])} Ray task(s): peak RSS "
+        console.print(f"[green]{escape(done)}[/green] into {escape(str(target))}{resumed} by {len(profile['partitions'])} Ray task(s): peak RSS "
                       f"{nodes or 'none'}{warned}", highlight=False, soft_wrap=True)
         return profile
-    console.print(f"[green]{done}[/green] into {target}{resumed}: peak RSS {format_size(peak)} "
+    console.print(f"[green]{escape(done)}[/green] into {escape(str(target))}{resumed}: peak RSS {format_size(peak)} "
                   f"of {format_size(profile['ram_budget_bytes'])} budget{warned}", highlight=False, soft_wrap=True)
     return profile
 

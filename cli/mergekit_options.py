@@ -24,7 +24,7 @@ def _flag(name: str, help: str, default: bool = False, hidden: bool = False):
 CopyTokenizerOption = _flag("copy-tokenizer", "Copy the tokenizer into the output.", default=True)
 WriteModelCardOption = _flag("write-model-card", "Write README.md (a model card with the recipe).", default=True)
 AllowCrimesOption = _flag("allow-crimes", "Allow models of different architectures (config.json `architectures`).")
-TrustRemoteCodeOption = _flag("trust-remote-code", "Accepted: mergeng never runs model code; custom *.py files are copied either way.")
+TrustRemoteCodeOption = _flag("trust-remote-code", "Let transformers run code a model carries (a custom tokenizer or config class named by auto_map). Off: none runs; custom *.py files are copied either way.")
 VerboseOption = typer.Option(0, "--verbose", "-v", count=True, help="Print the plan (models, tensors, shards, predicted peak) before the run.", rich_help_panel=PANEL)
 QuietOption = _flag("quiet", "No progress bar, notes or summary line; warnings and errors are still printed.")
 NumThreadsOption = typer.Option(None, "--num-threads", "-j", help="torch's CPU threads for the run.", rich_help_panel=PANEL)

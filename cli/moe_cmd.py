@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from . import mergekit_options as mk
 from .console import fail
 from .execute import execute
 from .options import (DebugOption, FreshOption, MaxUnitOption, RamOption, ShardSizeOption, StreamOption, WorkersOption,
@@ -27,6 +28,7 @@ def moe(
     fresh: bool = FreshOption,
     max_unit: Optional[str] = MaxUnitOption,
     stream: bool = StreamOption,
+    trust_remote_code: bool = mk.TrustRemoteCodeOption,
     debug: bool = DebugOption,
 ):
     """Build a Mixtral / Qwen2-MoE / Qwen3-MoE model from dense experts, under the RAM budget.
@@ -35,13 +37,15 @@ def moe(
     """
     from ..engine.builders.moe import prepare_moe
     from ..engine.inputs.hub import HubOptions, using_hub
+    from ..engine.inputs.remote_code import trusting_remote_code
 
     try:
-        with using_hub(HubOptions(stream=stream)):
-            _refuse_output_over_inputs(config, out_dir)
-            prepared, build = prepare_moe(config, out_dir, ram_budget(ram), seed, shard_bytes(shard_size), worker_count(workers, stream),
-                                          max_unit_bytes(max_unit), fresh)
-        execute(prepared, out_dir, fresh=False, done=f"built {build.architecture.hf_class}", earlier_peak=build.gate_peak_rss)
+        with trusting_remote_code(trust_remote_code):
+            with using_hub(HubOptions(stream=stream)):
+                _refuse_output_over_inputs(config, out_dir)
+                prepared, build = prepare_moe(config, out_dir, ram_budget(ram), seed, shard_bytes(shard_size),
+                                              worker_count(workers, stream), max_unit_bytes(max_unit), fresh)
+            execute(prepared, out_dir, fresh=False, done=f"built {build.architecture.hf_class}", earlier_peak=build.gate_peak_rss)
     except Exception as e:  # noqa: BLE001  (one line for users, traceback with --debug)
         fail(e, debug)
 

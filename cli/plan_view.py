@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from ..errors import one_line
 
 from ..architectures.alignment import summarize
 from ..architectures.layout import find_layer_stacks, parse_layer_name
 from ..engine.graph import build_graph
 from ..engine.inputs.lora import lora_summary
 from ..engine.schedule.memory import format_size
+from ..engine.output.space import space_figures
 from ..engine.plan.hub_inputs import hub_inputs
 from ..engine.plan.output_config import config_changes
 from ..engine.execute.prepared import Prepared
@@ -22,9 +26,11 @@ from ..engine.builders.stages import computations, held_intermediates, leaf_sour
 from .lora_view import render_lora
 
 
-def plan_summary(prepared: Prepared) -> dict:
+def plan_summary(prepared: Prepared, out_dir: Path | None = None) -> dict:
+    """The plan as JSON-ready figures; with `out_dir`, the disk space the merge needs where it goes (and in the
+    HF cache for Hub inputs) against the free space there (`disk`)."""
     s, plan = prepared.schedule, prepared.plan
-    return {
+    return {**({"disk": _disk_summary(prepared, out_dir)} if out_dir is not None else {}),
         "feasible": s.feasible,
         "peak_ram_bytes": s.predicted_peak,
         "ram_budget_bytes": s.budget,
@@ -55,6 +61,10 @@ def plan_summary(prepared: Prepared) -> dict:
                       for label, src in plan.sources.items() if getattr(src, "quantization", None) is not None],
     }
 
+
+def _disk_summary(prepared: Prepared, out_dir: Path) -> dict:
+    hub = hub_inputs(prepared.plan)
+    return space_figures(out_dir, prepared.layout.shards, sum(h.fetch_bytes for h in hub), hub[0].snapshot.path if hub else None)
 
 def _whole_tensors(prepared: Prepared) -> list[dict]:
     """Tensors whose method needs them whole (an SVD merge): one unit each, with its bytes and flops."""
@@ -117,21 +127,21 @@ def with_estimate(prepared: Prepared, summary: dict, timeline: bool = True) -> t
     return {**summary, "estimated_seconds": round(seconds, 2), "svd_flops_per_s": speeds.svd_flops_per_s}, points
 
 
-def render_text(prepared: Prepared, console: Console) -> None:
-    summary, _ = with_estimate(prepared, plan_summary(prepared), timeline=False)
+def render_text(prepared: Prepared, console: Console, out_dir: Path | None = None) -> None:
+    summary, _ = with_estimate(prepared, plan_summary(prepared, out_dir), timeline=False)
     plan = prepared.plan
     console.print(f"[bold]merge[/bold] {plan.recipe.merge_method} of {len(plan.sources)} models → {summary['tensors']} tensors in {len(summary['shards'])} shard(s)")
     inputs = Table("model", "folder", "tensors", "bytes", title="inputs", title_justify="left")
     stage_names = {st["name"] for st in summary["stages"]}
     for label, src in plan.sources.items():
-        inputs.add_row(label, "(stage, computed in memory)" if label in stage_names else str(src.path), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
+        inputs.add_row(escape(label), "(stage, computed in memory)" if label in stage_names else escape(str(src.path)), str(len(src.tensors)), format_size(sum(t.nbytes for t in src.tensors.values())))
     console.print(inputs)
     if summary["hub"]:
         hub = Table("model", "commit", "files read", "bytes", "cached", "to fetch", title="from the Hub", title_justify="left")
         for h in summary["hub"]:
             fetch = "streamed (--stream)" if h["stream"] else (f"{format_size(h['fetch_bytes'])} in {len(h['fetch_files'])} file(s)"
                                                                  if h["fetch_files"] else "nothing")
-            hub.add_row(h["model"], h["commit"][:12], str(len(h["files"])), format_size(h["bytes"]), format_size(h["cached_bytes"]), fetch)
+            hub.add_row(escape(h["model"]), h["commit"][:12], str(len(h["files"])), format_size(h["bytes"]), format_size(h["cached_bytes"]), fetch)
         console.print(hub)
     for q in summary["quantized"]:
         console.print(f"model {escape(q['model'])}: {q['format']}, {q['tensors']} quantized tensors read dequantized "
@@ -156,7 +166,7 @@ def render_text(prepared: Prepared, console: Console) -> None:
         stages = Table("stage", "method", "reads", "tensors", "bytes", "layers", "computed", title="stages (in order; fused in memory)",
                        title_justify="left")
         for st in summary["stages"]:
-            stages.add_row(st["name"] or "(output)", st["method"], ", ".join(st["models"]), str(st["tensors"]),
+            stages.add_row(escape(st["name"] or "(output)"), st["method"], escape(", ".join(st["models"])), str(st["tensors"]),
                            format_size(st["bytes"]), str(st["layers"] or ""),
                            "written" if st is summary["stages"][-1] else
                            f"{st['computed']:g}x per tensor" + (f" ({st['held']} held whole)" if st["held"] else ""))
@@ -168,18 +178,24 @@ def render_text(prepared: Prepared, console: Console) -> None:
         layer = parse_layer_name(t.output.name, stacks)
         groups[f"{layer.stack}.{layer.index}" if layer else "outside layers"].append(t)
     for key, tasks in list(groups.items())[:12]:
-        layers.add_row(key, str(len(tasks)), format_size(sum(i.nbytes for t in tasks for _, i in t.all_inputs)),
+        layers.add_row(escape(key), str(len(tasks)), format_size(sum(i.nbytes for t in tasks for _, i in t.all_inputs)),
                        format_size(sum(t.output.nbytes for t in tasks)))
     if len(groups) > 12:
         layers.add_row(f"... {len(groups) - 12} more", "", "", "")
     console.print(layers)
     console.print(f"read {format_size(summary['read_bytes'])}, write {format_size(summary['write_bytes'])}")
+    for key, what in (("output", "output"), ("cache", "Hub fetches into the HF cache")):
+        place = summary.get("disk", {}).get(key)
+        if place:
+            verdict = "[green]fits[/green]" if place["fits"] else "[red]does not fit[/red] (run refuses it; --no-space-check to try anyway)"
+            console.print(f"disk: {what} needs {format_size(place['needed_bytes'])} in {escape(place['folder'])}, "
+                          f"{format_size(place['free_bytes'])} free on {escape(place['filesystem'])}: {verdict}", highlight=False)
     verdict = "[green]fits[/green]" if summary["feasible"] else f"[red]does not fit[/red] (smallest budget that works: {format_size(summary['min_ram_bytes'])})"
     console.print(f"predicted peak RAM {format_size(summary['peak_ram_bytes'])} of {format_size(summary['ram_budget_bytes'])} budget "
                   f"(baseline {format_size(summary['baseline_bytes'])}): {verdict}")
     chunked = summary["chunked_tensors"]
     if chunked:
-        console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {chunked[0]['tensor']}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
+        console.print(f"{len(chunked)} tensor(s) computed in row chunks, e.g. {escape(chunked[0]['tensor'])}: {chunked[0]['chunks']} chunks of {chunked[0]['chunk_rows']} rows")
     wide = summary["model_statistics"]
     if wide:
         console.print(f"model-wide statistics first ({wide['method']}): {wide['passes']} passes over every merged tensor "
@@ -192,20 +208,20 @@ def render_text(prepared: Prepared, console: Console) -> None:
         largest = max(whole, key=lambda w: w["unit_bytes"])
         seconds = sum(w["flops"] for w in whole) / summary["svd_flops_per_s"]
         console.print(f"{len(whole)} tensor(s) take a whole-tensor SVD ({largest['method']}), one unit each, never row-chunked; "
-                      f"the largest, {largest['tensor']} {largest['shape']}, needs {format_size(largest['unit_bytes'])} "
+                      f"the largest, {escape(largest['tensor'])} {largest['shape']}, needs {format_size(largest['unit_bytes'])} "
                       f"(SVD workspace {format_size(largest['workspace_bytes'])}); SVD time ≈ {seconds:.0f} s", highlight=False)
     for model, a in plan.alignments.items():
         rules = ", ".join(f"'{src}*' → '{dst}*'" for src, dst in summarize(a).items())
-        console.print(f"names of [bold]{model}[/bold] aligned to the output ({len(a)} tensors): {rules}")
+        console.print(f"names of [bold]{escape(model)}[/bold] aligned to the output ({len(a)} tensors): {escape(rules)}")
     if summary["copied"]:
         console.print(f"{summary['copied']} tensor(s) copied unchanged (not selected, or missing from some models)")
     if summary["dropped"]:
-        console.print(f"[yellow]{len(summary['dropped'])} input tensor(s) have no place in the output[/yellow], e.g. {summary['dropped'][0]['tensor']} ({summary['dropped'][0]['reason']})")
+        console.print(f"[yellow]{len(summary['dropped'])} input tensor(s) have no place in the output[/yellow], e.g. {escape(summary['dropped'][0]['tensor'])} ({escape(summary['dropped'][0]['reason'])})")
     console.print(f"estimated time: {summary['estimated_seconds']:.0f} s (from a quick disk and compute probe)")
     if summary["warnings"]:
         console.print(f"[bold yellow]{len(summary['warnings'])} warning(s)[/bold yellow] (--strict makes each an error):")
     for w in summary["warnings"]:
-        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
+        console.print(f"[yellow]warning:[/yellow] {escape(one_line(w))}")
 
 
 def render_dot(prepared: Prepared) -> str:

@@ -4,7 +4,8 @@ A recipe is a path (a `pathlib.Path`, or a `str` without a newline), YAML text (
 newline), a dict, or a list of dicts (a multi-stage recipe's documents, as `---`-separated YAML). Model paths in a recipe file are relative to its folder first, then to the
 working directory; in text or a dict, to the working directory. Options take the CLI's names
 with underscores (`shard_size`, `workers`, `seed`, `strict`, `truncate_vocab`, `allow_crimes`,
-`copy_tokenizer`, `write_model_card`, `fresh`, `max_unit`, `stream`) or mergekit's `MergeOptions` names
+`copy_tokenizer`, `write_model_card`, `fresh`, `max_unit`, `stream`, `trust_remote_code`: let
+transformers run code a model carries) or mergekit's `MergeOptions` names
 (`out_shard_size`, `random_seed`, `unsafe_truncate_embeddings`, `cuda`, ...) with the same
 meaning as on the command line; an unknown option is an error.
 """
@@ -17,7 +18,8 @@ from typing import Any
 from ..errors import MergeError
 
 ALIASES = {"out_shard_size": "shard_size", "random_seed": "seed", "unsafe_truncate_embeddings": "truncate_vocab"}
-PLAN_OPTIONS = {"shard_size", "workers", "max_unit", "seed", "strict", "truncate_vocab", "allow_crimes", "stream"}
+PLAN_OPTIONS = {"shard_size", "workers", "max_unit", "seed", "strict", "truncate_vocab", "allow_crimes", "stream",
+                "trust_remote_code"}
 MERGE_OPTIONS = PLAN_OPTIONS | {"fresh", "copy_tokenizer", "write_model_card", "space_check"}
 
 
@@ -25,7 +27,10 @@ def plan(recipe: str | Path | dict, ram: int | str | None = None, **options: Any
     """Validate and schedule a merge, reading headers only; returns `engine.run.Prepared`:
     `.plan` (tasks, sources, warnings, report), `.schedule` (`predicted_peak`, `budget`,
     `feasible`), `.layout` (output shards) and `.recipe_text`."""
-    prepared, _ = _prepare(recipe, ram, options, PLAN_OPTIONS)
+    from .inputs.remote_code import trusting_remote_code
+
+    with trusting_remote_code(bool(options.get("trust_remote_code", False))):
+        prepared, _ = _prepare(recipe, ram, options, PLAN_OPTIONS)
     return prepared
 
 
@@ -33,11 +38,13 @@ def merge(recipe: str | Path | dict, out: str | Path, ram: int | str | None = No
     """Run a merge into `out` (resuming an interrupted run of the same recipe); returns the run's
     figures, as in `OUT/.mergeng/profile.json`: peak_rss_bytes, predicted_peak_bytes,
     ram_budget_bytes, resumed, units_total, units_run, timeline, ..."""
+    from .inputs.remote_code import trusting_remote_code
     from .run import run_merge
 
-    prepared, given = _prepare(recipe, ram, options, MERGE_OPTIONS, out)
-    return run_merge(prepared, Path(out), given.get("fresh", False), copy_tokenizer=given.get("copy_tokenizer", True),
-                     write_model_card=given.get("write_model_card", True), space_check=given.get("space_check", True))
+    with trusting_remote_code(bool(options.get("trust_remote_code", False))):
+        prepared, given = _prepare(recipe, ram, options, MERGE_OPTIONS, out)
+        return run_merge(prepared, Path(out), given.get("fresh", False), copy_tokenizer=given.get("copy_tokenizer", True),
+                         write_model_card=given.get("write_model_card", True), space_check=given.get("space_check", True))
 
 
 def _prepare(recipe, ram, options: dict, allowed: set[str], out: str | Path | None = None):

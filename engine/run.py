@@ -44,7 +44,7 @@ from .builders.requantize import requantize
 from .builders.core_space import core_space_plan
 from .builders.stages import Stage, is_header_folder, is_multi_stage, leaf_sources, plan_stages, read_stages, unused_stage_warnings
 from .output.writer import DEFAULT_SHARD_SIZE, ShardWriter
-from .output.space import JOURNAL_BYTES, disk_full, is_disk_full, require_space, still_to_write
+from .output.space import disk_full, is_disk_full, output_needs, require_space, still_to_write
 from .output.folder import clear_previous_output, output_errors, refuse_unsafe_output
 from .execute.prepared import Prepared, prepare_plan
 
@@ -286,7 +286,7 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
         fetch = sum(h.fetch_bytes for h in hub)
         if fetch:
             require_space(hub[0].snapshot.path, fetch, "the HF cache")
-        require_space(out_dir, still_to_write(out_dir, prepared.layout.shards) + JOURNAL_BYTES, "output folder")
+        require_space(out_dir, output_needs(out_dir, prepared.layout.shards), "output folder")
     try:
         fetch_hub_inputs(hub, on_fetch)  # before the output is touched: a failed download loses nothing
     except OSError as e:
@@ -356,7 +356,7 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
     """Run the unfinished units in this process: worker threads under the budget (engine/execute/executor.py)."""
     tune_allocator()
     executor = Executor(prepared.plan.tasks, prepared.schedule, writer, journal, prepared.plan.recipe.seed, on_progress,
-                        NonFinite(prepared.strict))
+                        NonFinite(prepared.strict, earlier=journal.nonfinite()))  # a resumed run adds to its recorded counts
     try:
         executor.run(finished)
     finally:

@@ -114,6 +114,14 @@ def test_plan_reads_headers_only_and_says_what_it_will_fetch(hub, hf, tmp_path):
         p.stat().st_size < 50_000 for p in (hf / "models--org--a" / "blobs").iterdir())  # only json files cached
 
 
+def test_plan_states_what_the_cache_will_fetch_against_its_free_space(hub, hf, tmp_path):
+    summary = json.loads(cli("plan", hub_recipe(tmp_path), "--format", "json", "-o", tmp_path / "out").output)
+    cache = summary["disk"]["cache"]
+    assert cache["needed_bytes"] == sum(h["fetch_bytes"] for h in summary["hub"]) > 0
+    assert cache["folder"].startswith(str(hf)) and cache["free_bytes"] > 0 and cache["fits"]
+    assert summary["disk"]["output"]["folder"] == str(tmp_path / "out")
+
+
 def test_a_typo_in_the_recipe_fails_before_any_weight_byte_is_fetched(hub, hf, tmp_path):
     recipe = write_recipe(tmp_path, RECIPE.format(base="org/base", a="org/a", b="org/b").replace("ties", "tise"))
     result = cli("run", recipe, "-o", tmp_path / "out")

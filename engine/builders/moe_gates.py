@@ -32,7 +32,8 @@ from ...methods.keyed_random import stream_key
 from ...errors import MergeError
 from ..schedule.memory import tune_allocator, trim_heap
 from ..schedule.cost_model import layer_pass_bytes, require_work_fits
-from ..inputs.source import ModelSource, TensorInfo, read_rows
+from ..inputs.remote_code import remote_code_trusted
+from ..inputs.source import ModelSource, TensorInfo, read_rows, refuse_outside_tokenizer_files
 
 EMBED = "model.embed_tokens.weight"
 LAYER = "model.layers.{i}."
@@ -122,8 +123,9 @@ def tokenize(base: ModelSource, prompts: list[str], mode: str) -> dict[str, list
         from transformers import AutoTokenizer
     except ImportError:
         raise MergeError(f"gate_mode {mode} needs transformers to tokenize prompts: pip install 'mergeng[moe]'") from None
+    refuse_outside_tokenizer_files(base.path, f"base model '{base.label}'")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base.path)
+        tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=remote_code_trusted())
     except Exception as e:  # noqa: BLE001  (any loader failure is the user's folder)
         raise MergeError(f"base model '{base.label}': cannot load its tokenizer for gate_mode {mode} ({type(e).__name__}: {e})") from None
     bos = tokenizer.bos_token or ""
@@ -175,7 +177,11 @@ def hidden_summaries(base: ModelSource, layers: int, prompt_ids: list[list[int]]
 
     model_type = str(base.config.get("model_type"))
     Layer, Rotary = _decoder_classes(model_type)
-    config = AutoConfig.from_pretrained(base.path)
+    try:
+        config = AutoConfig.from_pretrained(base.path, trust_remote_code=remote_code_trusted())
+    except Exception as e:  # noqa: BLE001  (any loader failure is the user's folder)
+        raise MergeError(f"base model '{base.label}': transformers cannot load its config.json for gate_mode hidden "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     config._attn_implementation = "eager"
     tune_allocator()
     trim_heap()

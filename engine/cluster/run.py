@@ -87,8 +87,8 @@ class LedgerJournal:
     def __init__(self, ledger, shard: str):
         self.ledger, self.shard = ledger, shard
 
-    def record(self, chunks: list[tuple[str, int, int, int]]) -> None:
-        ray.get(self.ledger.report.remote(self.shard, list(chunks)))
+    def record(self, chunks: list[tuple[str, int, int, int]], nonfinite: list = ()) -> None:
+        ray.get(self.ledger.report.remote(self.shard, list(chunks)))  # NaN/Inf counts are not carried to the driver yet
 
 
 class ShardFileWriter(ShardWriter):

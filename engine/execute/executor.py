@@ -48,7 +48,7 @@ from ..schedule.scheduler import RUNTIME_OVERHEAD, Schedule, WorkUnit
 from ..inputs.source import ComputedRows, aligned_stored_inputs, read_rows
 from ..plan.statistics import TensorStatistics
 from ..plan.model_statistics import ModelStatisticsState
-from .nonfinite import NonFinite
+from .nonfinite import NonFinite, fresh_rows
 from .tensor_rows import apply_method, model_statistics_partial, read_inputs, statistics_partial
 from ..output.writer import ShardWriter
 
@@ -178,13 +178,14 @@ class Executor:
         self.model_state: ModelStatisticsState | None = None  # model-wide statistics (methods that declare them)
         self.model_units_run = 0  # model-wide statistics units this run computed
         self.model_passes_reused = 0  # model-wide passes loaded from the journal instead
+        self._covered: dict[str, list[tuple[int, int]]] = {}  # rows recorded before this run, by output tensor
 
     def run(self, finished: dict[tuple[str, int, int], int]) -> None:
         with intra_op_threads(self.schedule.workers):
             self._run(finished)
 
     def _run(self, finished: dict[tuple[str, int, int], int]) -> None:
-        covered = covered_ranges(finished)
+        covered = self._covered = covered_ranges(finished)  # rows earlier runs recorded (and counted NaN/Inf in)
         units = [u for u in self.schedule.units if u.pass_index >= 0 and not self._skip(u, covered)]
         units = self._model_units(units) + units
         self.units_run = len(units)
@@ -233,7 +234,7 @@ class Executor:
         threads = [threading.Thread(target=worker, name=f"merge-worker-{i}", daemon=True) for i in range(self.schedule.workers)]
         for t in threads:
             t.start()
-        pending: list[tuple[str, int, int, int]] = []
+        pending: list[tuple[str, int, int, int, list]] = []  # written chunks to record: (tensor, start, stop, crc, NaN/Inf counts)
         last_commit = time.monotonic()
         error: BaseException | None = None
         outstanding = len(units)
@@ -251,8 +252,8 @@ class Executor:
                     continue
                 if isinstance(result, ModelPassDone):  # kept, so a resumed run does not redo the pass
                     self.journal.record_model_statistics(result.pass_index, result.values)
-                elif result is not None:  # an apply unit: (tensor, start, stop, crc, bytes)
-                    pending.append(result[:4])
+                elif result is not None:  # an apply unit: (tensor, start, stop, crc, bytes, NaN/Inf counts)
+                    pending.append(result[:4] + result[5:])
                     self.on_progress(result[4])
                 if pending and (time.monotonic() - last_commit > COMMIT_INTERVAL_S):
                     self._commit(pending, remaining)
@@ -300,7 +301,7 @@ class Executor:
             if exc is None and isinstance(result, ModelPassDone):
                 self.journal.record_model_statistics(result.pass_index, result.values)
             elif exc is None and result is not None:
-                pending.append(result[:4])
+                pending.append(result[:4] + result[5:])
 
     def _model_units(self, units: list[WorkUnit]) -> list[WorkUnit]:
         """The model-wide statistics units this run needs: none when every tensor reading the values is
@@ -396,10 +397,12 @@ class Executor:
                 if self.stopping.is_set():
                     admission.loaded(unit.live_bytes)
                     return None
+        # rows no earlier run recorded: NaN/Inf in the others were counted and recorded with their chunks
+        fresh = fresh_rows(unit.row_start, unit.row_stop, self._covered.get(task.output.name, []))
         if is_apply and is_plain_copy(task):
             out = read_rows(task.inputs[0], unit.row_start, unit.row_stop)
             admission.loaded(unit.live_bytes)
-            self.nonfinite.check_inputs(task, None, [out], unit.row_start)
+            counts = self.nonfinite.check_inputs(task, None, [out], unit.row_start, fresh)
         else:
             try:
                 base, inputs = read_inputs(task, unit.row_start, unit.row_stop)
@@ -410,18 +413,20 @@ class Executor:
                            statistics_partial(task, unit.pass_index, base, inputs, unit.row_start, unit.row_stop,
                                               self.seed, state.stats, model_stats))
                 return None
-            self.nonfinite.check_inputs(task, base, inputs, unit.row_start)
+            counts = self.nonfinite.check_inputs(task, base, inputs, unit.row_start, fresh)
             said = len(self.method_notes)
             out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
                                None if state is None else state.stats, self.method_notes, model_stats)
             if self.nonfinite.strict and len(self.method_notes) > said:
                 raise MergeError(f"{self.method_notes[said]}; --strict stops here (what was written is kept)", exit_code=1)
             del base, inputs
-        self.nonfinite.check_output(task.output.name, out, unit.row_start)
+        written = self.nonfinite.check_output(task.output.name, out, unit.row_start, fresh)
+        if written:
+            counts = counts + [(None, task.output.name, written)]
         raw = out.contiguous().view(-1).view(torch.uint8).numpy() if out.numel() else b""
         crc = zlib.crc32(raw)
         self.writer.write_rows(task.output.name, unit.row_start, out)
-        return (task.output.name, unit.row_start, unit.row_stop, crc, out.numel() * out.element_size())
+        return (task.output.name, unit.row_start, unit.row_stop, crc, out.numel() * out.element_size(), counts)
 
     def _commit(self, pending: list, remaining: dict[str, int]) -> None:
         """fdatasync the shards written since the last commit, then record their chunks."""
@@ -430,7 +435,8 @@ class Executor:
         layout = self.writer.layout
         for file_name in {layout.shard_of[t].file_name for t, *_ in pending}:
             self.writer.sync_file(file_name)
-        self.journal.record(pending)
+        self.journal.record([chunk[:4] for chunk in pending],
+                            [(t, a, b, model, name, n) for t, a, b, _, counts in pending for model, name, n in counts])
         for t, *_ in pending:
             remaining[layout.shard_of[t].file_name] -= 1
         pending.clear()

@@ -5,6 +5,10 @@ memory the merge touches anyway); statistics passes are not counted, so each inp
 per task that reads it. `run` says which tensors of which model held non-finite values and how many
 reached the output, in its summary, profile.json and report.json; with `--strict` the first one stops
 the run (exit 1; what was written is kept and resumes).
+A resumed run reports what an uninterrupted one would: each apply unit's counts are recorded in the
+journal with its chunk (in the same commit, engine/output/journal.py), a resumed run starts from the
+counts of the chunks recorded before it, and counts only rows no recorded chunk covers (`fresh`), so
+every row is counted once whatever the runs' chunking.
 Invariant: counting never changes a byte of the output.
 """
 
@@ -43,29 +47,64 @@ def _count(x: torch.Tensor | None) -> int:
     return 0 if bool(finite.all()) else int(finite.numel() - finite.sum())
 
 
+def _count_rows(x: torch.Tensor | None, start: int, fresh: list[tuple[int, int]] | None) -> int:
+    """Non-finite values in the rows `fresh` (absolute row ranges) of `x`, which holds rows from `start`;
+    every row when `fresh` is None (a 0-d tensor is one row)."""
+    if fresh is None or x is None or x.dim() == 0:
+        return _count(x)
+    return sum(_count(x[a - start:b - start]) for a, b in fresh)
+
+
+def fresh_rows(start: int, stop: int, covered: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """The parts of rows [start, stop) no earlier recorded chunk covers (`covered`: disjoint, sorted);
+    None when that is all of them (the common case: nothing to cut)."""
+    parts, at = [], start
+    for a, b in covered:
+        if b <= at or a >= stop:
+            continue
+        if a > at:
+            parts.append((at, a))
+        at = max(at, b)
+    if at < stop:
+        parts.append((at, stop))
+    return None if parts == [(start, stop)] else parts
+
+
 class NonFinite:
-    def __init__(self, strict: bool = False):
+    """Counts of the run so far: `earlier` (a journal's counts of the chunks recorded before this run) plus
+    what this run's units meet. The check_* methods also return their unit's own counts, which the
+    executor records with the unit's chunk."""
+
+    def __init__(self, strict: bool = False, earlier: dict | None = None):
         self.strict = strict
         self._lock = threading.Lock()
-        self.inputs: dict[str, dict[str, int]] = {}  # model -> tensor -> non-finite values read
-        self.outputs: dict[str, int] = {}  # output tensor -> non-finite values written
+        earlier = earlier or {}
+        # model -> tensor -> non-finite values read
+        self.inputs: dict[str, dict[str, int]] = {m: dict(per) for m, per in (earlier.get("inputs") or {}).items()}
+        self.outputs: dict[str, int] = dict(earlier.get("outputs") or {})  # output tensor -> non-finite values written
 
-    def check_inputs(self, task, base: torch.Tensor | None, inputs: list[torch.Tensor], start: int) -> None:
+    def check_inputs(self, task, base: torch.Tensor | None, inputs: list[torch.Tensor], start: int,
+                     fresh: list[tuple[int, int]] | None = None) -> list[tuple[str, str, int]]:
+        """Count the inputs' rows (those of `fresh` only, when given); returns [(model, tensor, count)]."""
         tensors = ([(task.base_model, task.base, base)] if task.base is not None else []) + \
             [(model, info, x) for model, info, x in zip(task.input_models, task.inputs, inputs)]
+        found = []
         for model, info, x in tensors:
-            n = _count(x)
+            n = _count_rows(x, start, fresh)
             if n:
+                found.append((str(model), info.name, n))
                 self._add_input(str(model), info.name, n, start)
+        return found
 
-    def check_output(self, name: str, out: torch.Tensor, start: int) -> None:
-        n = _count(out)
+    def check_output(self, name: str, out: torch.Tensor, start: int, fresh: list[tuple[int, int]] | None = None) -> int:
+        n = _count_rows(out, start, fresh)
         if n:
             with self._lock:
                 self.outputs[name] = self.outputs.get(name, 0) + n
             if self.strict:
                 raise MergeError(f"tensor '{name}': {n} non-finite value(s) (NaN/Inf) in output rows from {start}; "
                                  "--strict stops here (what was written is kept)", exit_code=1)
+        return n
 
     def _add_input(self, model: str, tensor: str, n: int, start: int) -> None:
         with self._lock:

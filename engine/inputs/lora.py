@@ -41,7 +41,7 @@ import torch
 
 from ...errors import MergeError
 from .paths import locate_model, open_source
-from .source import ComputedRows, TensorInfo, disk_row_bytes, read_rows, read_safetensors_header, stored_origin
+from .source import ComputedRows, TensorInfo, disk_row_bytes, read_rows, read_json_file, read_safetensors_header, stored_origin
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -124,13 +124,11 @@ def load_adapter(path: Path) -> LoraAdapter:
         weights = path / ADAPTER_WEIGHTS_BIN
     if not weights.exists():
         raise MergeError(f"LoRA adapter {path}: no {ADAPTER_WEIGHTS} (or {ADAPTER_WEIGHTS_BIN})")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MergeError(f"{cfg_path}: not valid JSON (line {e.lineno})") from None
+    config = read_json_file(cfg_path, ADAPTER_CONFIG)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise MergeError(f"LoRA adapter {path}: peft_type {peft_type} is not supported (only LORA)")
+    _check_lora_numbers(config, cfg_path)
     if config.get("layer_replication"):
         raise MergeError(f"LoRA adapter {path}: layer_replication changes the model's layer stack and is not supported")
     if weights.suffix == ".bin":  # read as headers by the restricted unpickler, never torch.load
@@ -158,6 +156,20 @@ def load_adapter(path: Path) -> LoraAdapter:
     for mod in modules.values():
         _set_scale(mod, config, path)
     return LoraAdapter(path, config, weights, modules)
+
+
+def _check_lora_numbers(config: dict, cfg_path: Path) -> None:
+    """r, lora_alpha and their per-module patterns are positive numbers (a rank of 0 would divide by zero)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+    for key in ("r", "lora_alpha"):
+        if key in config and not number(config[key]):
+            raise MergeError(f"{cfg_path}: {key} must be a positive number, got {json.dumps(config[key])[:40]}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(key)
+        if pattern is not None and not (isinstance(pattern, dict) and all(number(v) for v in pattern.values())):
+            raise MergeError(f"{cfg_path}: {key} must map module names to positive numbers")
 
 
 def _set_scale(mod: AdapterModule, config: dict, path: Path) -> None:

@@ -4,6 +4,11 @@ Only headers are parsed when a source opens; no weight is touched. Reads use `os
 into buffers the engine allocates and frees (never a long-lived mmap, whose touched pages stay
 in RSS), for a whole tensor or a contiguous range of its rows. Every file's size is checked
 against its header, so a truncated download is reported by file name before any work starts.
+
+A model's files are written by strangers, so nothing in them is trusted (the one header reader and
+the one JSON reader, `parse_safetensors_header` and `parse_json`): every defect is one MergeError
+naming the file, and every file name a model gives (an index's shards, an auto_map's modules, a
+tokenizer_config's files) must name a file inside its own folder (`refuse_outside_name`, the one rule).
 """
 
 from __future__ import annotations
@@ -41,38 +46,34 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
 
 def parse_safetensors_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict]:
     """A safetensors header from its bytes (the 8-byte length, then the JSON), for a file of `size`
-    bytes at `path`: a local file's, or a Hub file's read by ranged requests (engine/inputs/hub.py)."""
+    bytes at `path`: a local file's, or a Hub file's read by ranged requests (engine/inputs/hub.py).
+
+    Written by whoever made the model, so nothing in it is trusted: the length is capped, the JSON
+    may give no name twice, each entry needs a known dtype, a shape of whole numbers whose product
+    (times the dtype's size) is exactly its byte range, and whole-number offsets inside the file that
+    no other tensor's overlap; `__metadata__` must map strings to strings. Anything else is one
+    MergeError naming the file (and the tensor)."""
     if len(raw) < 8:
         raise MergeError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
     (header_len,) = struct.unpack("<Q", raw[:8])
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size or len(raw) < 8 + header_len:
-        raise MergeError(f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes)")
-    try:
-        header = json.loads(raw[8:8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise MergeError(f"{path}: corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise MergeError(f"{path}: corrupt safetensors header (not a JSON object)")
+        raise MergeError(f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes, at most "
+                         f"{MAX_HEADER_BYTES} allowed); re-download it")
+    header = parse_json(raw[8:8 + header_len], f"{path}: corrupt safetensors header", again="re-download it")
     data_start = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise MergeError(f"{path}: corrupt safetensors header (__metadata__ is not a JSON object)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise MergeError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings); re-download it")
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_TO_TORCH[entry["dtype"]]
-            begin, end = entry["data_offsets"]
-            shape = tuple(_whole_number(d) for d in entry["shape"])
-            begin, end = _whole_number(begin), _whole_number(end)
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{path}: corrupt safetensors header entry for tensor '{name}' (dtype, shape and "
-                             "data_offsets must be a known dtype and whole numbers); re-download it") from None
-        if end < begin:
-            raise MergeError(f"{path}: corrupt safetensors header: tensor '{name}' has data_offsets [{begin}, {end}] (end before start)")
+        begin, end, dtype, shape = _header_entry(path, name, entry)
         info = TensorInfo(name, path, data_start + begin, dtype, shape)
         if end - begin != info.nbytes:
-            raise MergeError(f"{path}: tensor '{name}' spans {end - begin} bytes but its shape needs {info.nbytes}")
+            raise MergeError(f"{path}: tensor '{name}' spans {end - begin} bytes but its shape {list(shape)} needs "
+                             f"{info.nbytes}; re-download it")
         spans.append((begin, end, name))
         tensors[name] = info
     previous_end, previous_name = 0, None
@@ -85,11 +86,80 @@ def parse_safetensors_header(path: Path, raw: bytes, size: int) -> tuple[dict[st
     return tensors, metadata
 
 
-def _whole_number(value) -> int:
+def _header_entry(path: Path, name: str, entry) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+    """(begin, end, dtype, shape) of one header entry, each checked; one line naming what is wrong."""
+    def bad(what: str) -> MergeError:
+        return MergeError(f"{path}: corrupt safetensors header entry for tensor '{name}': {what}; re-download it")
+
+    if not isinstance(entry, dict):
+        raise bad("not a JSON object with dtype, shape and data_offsets")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise bad(f"no {key}")
+    dtype = SAFETENSORS_TO_TORCH.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"unknown dtype {json.dumps(entry['dtype'])[:40]} (known: {', '.join(SAFETENSORS_TO_TORCH)})")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_whole_number(d) for d in shape):
+        raise bad(f"shape {json.dumps(shape)[:60]} is not a list of whole numbers")
+    if len(shape) > MAX_RANK:
+        raise bad(f"shape has {len(shape)} dimensions (at most {MAX_RANK})")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_whole_number(x) for x in offsets):
+        raise bad(f"data_offsets {json.dumps(offsets)[:60]} is not two whole numbers [begin, end]")
+    begin, end = offsets
+    if end < begin:
+        raise bad(f"data_offsets [{begin}, {end}] end before they begin")
+    return begin, end, dtype, tuple(shape)
+
+
+MAX_RANK = 64  # no real tensor has more dimensions; a header's shape is not trusted with more
+
+
+def _is_whole_number(value) -> bool:
     """A non-negative JSON integer (not a float, bool or string): what sizes and offsets must be."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _GivenTwice(ValueError):
+    pass
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    obj: dict = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _GivenTwice(key)
+        obj[key] = value
+    return obj
+
+
+def parse_json(text: bytes | str, where: str, again: str = "get the model again") -> dict:
+    """A JSON object a model gives (a safetensors header, config.json, an index), parsed without trust:
+    UTF-8, valid, an object, no key given twice at any depth (readers that keep the first and readers
+    that keep the last would see different models), nesting and numbers within Python's limits.
+    Anything else is one MergeError starting with `where` and ending with what to do (`again`)."""
+    try:
+        value = json.loads(text, object_pairs_hook=_refuse_repeated_keys)
+    except _GivenTwice as e:
+        raise MergeError(f"{where} (the key '{str(e.args[0])[:80]}' is given twice); {again}") from None
+    except UnicodeDecodeError:
+        raise MergeError(f"{where} (not UTF-8 text); {again}") from None
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{where} (not JSON: {e.msg} at line {e.lineno}); {again}") from None
+    except (ValueError, RecursionError):  # a number too long for int(), nesting too deep for the parser
+        raise MergeError(f"{where} (not JSON this reader accepts: nested too deep or a number too long); {again}") from None
+    if not isinstance(value, dict):
+        raise MergeError(f"{where} (not a JSON object); {again}")
     return value
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A model's JSON file (config.json, an index, adapter_config.json) by `parse_json`'s rules."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+    return parse_json(raw, f"{path}: {what} is not valid")
 
 
 def file_stamp(path: Path) -> dict[str, int]:
@@ -356,6 +426,58 @@ def refuse_outside_name(name: str, listed_in: Path) -> None:
                          "only the model's own files (the index may have been made to reach elsewhere: get the model again)")
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise MergeError(f"{path}: cannot read ({e.strerror})") from None
+
+
+# tokenizer_config.json keys naming a file that a transformers older than its CWE-22 fix opens as written
+# (it let the config's value win over the file found in the folder); special_tokens_map_file is never opened
+# from the config (transformers pops it first) and is often a path on the author's machine: not checked.
+UNCHECKED_FILE_KEYS = {"special_tokens_map_file"}
+
+
+def refuse_outside_code(config: dict, listed_in: Path, tokenizer: bool = False) -> None:
+    """The file names a config gives, by `refuse_outside_name`'s rule (inside the model's folder):
+    - `auto_map` (config.json, tokenizer_config.json) names custom code as `module.Class`, optionally
+      `repo--module.Class`, each a file `module.py` transformers would load from the folder (an auto_map
+      naming `/tmp/x.Model` would reach /tmp/x.py). mergeng never runs it (engine/inputs/remote_code.py);
+      this keeps what it copies honest;
+    - with `tokenizer`: `fast_tokenizer_files` and every `*_file` value (vocab_file, merges_file,
+      tokenizer_file, ...), which transformers may open."""
+    auto_map = config.get("auto_map")
+    if auto_map is not None:
+        if not isinstance(auto_map, dict):
+            raise MergeError(f"{listed_in}: auto_map must map class names to code references; get the model again")
+        for key, value in auto_map.items():
+            for reference in value if isinstance(value, list) else [value]:
+                if reference is None:
+                    continue
+                if not isinstance(reference, str):
+                    raise MergeError(f"{listed_in}: auto_map '{key}' is not a code reference (module.Class); get the model again")
+                module = reference.split("--")[-1].rpartition(".")[0]
+                refuse_outside_name(module + ".py", listed_in)
+    if not tokenizer:
+        return
+    fast = config.get("fast_tokenizer_files") or []
+    for name in fast if isinstance(fast, list) else [fast]:
+        if isinstance(name, str):
+            refuse_outside_name(name, listed_in)
+    for key, name in config.items():
+        if key.endswith("_file") and key not in UNCHECKED_FILE_KEYS and isinstance(name, str):
+            refuse_outside_name(name, listed_in)
+
+
+def refuse_outside_tokenizer_files(folder: Path, who: str) -> None:
+    """A folder's tokenizer_config.json (when it has one) by `refuse_outside_code`'s rules: read before
+    transformers loads the tokenizer or mergeng copies it."""
+    config = Path(folder) / "tokenizer_config.json"
+    if config.is_file():
+        refuse_outside_code(parse_json(_read_bytes(config), f"{who}: {config} is not valid"), config, tokenizer=True)
+
+
 class ModelSource:
     """A model folder: config.json plus model.safetensors or a sharded index. A Hub model's folder is
     its snapshot in the HF cache (`remote`: engine/inputs/hub.py's HubSnapshot); what is not cached
@@ -371,6 +493,7 @@ class ModelSource:
         self.config = self._read_config()
         self.tensors: dict[str, TensorInfo] = {}
         self.files: list[Path] = []
+        self._weight_map: dict[str, str] | None = None  # a sharded index's tensor -> file, checked against the headers
         for file in self._weight_files():
             name = file.relative_to(self.path).as_posix()
             if file.suffix == ".bin":
@@ -386,7 +509,13 @@ class ModelSource:
                 # read by ranged requests until fetched (--stream: always; else run_merge fetches it first)
                 _remote_files[file] = remote.remote(name)
             self.files.append(file)
-            self.tensors.update(infos)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise MergeError(f"model '{self.label}': tensor '{name}' is in two files, {self.tensors[name].file.name} and "
+                                     f"{file.name} (which one is meant cannot be known); get the model again")
+                self.tensors[name] = info
+        if self._weight_map is not None:
+            self._check_weight_map()
         if not self.tensors:
             raise MergeError(f"model '{self.label}': no tensors in {self.path}")
 
@@ -397,10 +526,9 @@ class ModelSource:
         cfg = self.path / "config.json"
         if not cfg.exists():
             return {}
-        try:
-            return json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise MergeError(f"model '{self.label}': config.json is not valid JSON (line {e.lineno})") from None
+        config = parse_json(_read_bytes(cfg), f"model '{self.label}': config.json is not valid")
+        refuse_outside_code(config, cfg)
+        return config
 
     def _weight_files(self) -> list[Path]:
         """model.safetensors[.index.json], else pytorch_model.bin[.index.json]."""
@@ -419,20 +547,29 @@ class ModelSource:
 
     def _listed_files(self, index: Path, single_name: str) -> list[Path]:
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise MergeError(f"{index}: not a valid index (no weight_map)") from None
+            weight_map = parse_json(_read_bytes(index), f"{index}: not a valid index").get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise MergeError(f"{index}: not a valid index (weight_map must map tensor names to file names)")
+                raise MergeError(f"{index}: not a valid index (weight_map must map tensor names to file names); get the model again")
             files = list(dict.fromkeys(weight_map.values()))
             for f in files:
                 refuse_outside_name(f, index)
             missing = [f for f in files if not self._has(f)]
             if missing:
-                raise MergeError(f"model '{self.label}': shard {missing[0]} listed in the index is missing")
+                raise MergeError(f"model '{self.label}': shard {missing[0]} listed in {index.name} is missing; "
+                                 "get the model again (or the missing file)")
+            self._weight_map, self._index = weight_map, index
             return [self.path / f for f in files]
         return [self.path / single_name] if self._has(single_name) else []
+
+    def _check_weight_map(self) -> None:
+        """Every tensor the index lists is in the file it names (a tensor it does not list, e.g. a shard's
+        extra, is read from its header as before)."""
+        for name, file in self._weight_map.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise MergeError(f"{self._index}: lists tensor '{name}' in {file}, which does not hold it; get the model again")
+            if info.file != self.path / file:
+                raise MergeError(f"{self._index}: lists tensor '{name}' in {file}, but it is in {info.file.name}; get the model again")
 
     def file_size(self, file: Path) -> int:
         if file.exists() or self.remote is None:

@@ -91,37 +91,62 @@ def _data_offset(path: Path, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+# what zipfile, struct and the unpickler raise on damaged bytes (a bad entry, version, name encoding, record)
+DAMAGE = (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, UnicodeDecodeError, KeyError, ValueError,
+          TypeError, IndexError, OverflowError, EOFError, struct.error, OSError)
+
+
 def read_bin_header(path: Path) -> dict[str, TensorInfo]:
+    """A zip-format torch checkpoint's tensors (TensorInfo each), read as headers; anything damaged in the zip
+    or the pickle, or a tensor outside its storage entry, is one MergeError naming the file."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
         raise MergeError(f"{path}: not a zip-format torch checkpoint (legacy torch.save files are not supported)") from None
-    with archive:
-        pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-        if pkl is None:
-            raise MergeError(f"{path}: no data.pkl in the checkpoint")
-        prefix = pkl[: -len("data.pkl")]
-        with archive.open(pkl) as f:
-            try:
-                state = _StateDictUnpickler(f, path).load()
-            except MergeError:
-                raise
-            except Exception as e:  # noqa: BLE001 (a damaged pickle: name the file)
-                raise MergeError(f"{path}: cannot read the checkpoint's structure ({type(e).__name__})") from None
-        if not isinstance(state, dict):
-            raise MergeError(f"{path}: the checkpoint is not a state dict")
-        size = path.stat().st_size
-        tensors: dict[str, TensorInfo] = {}
-        for name, ref in state.items():
-            if not isinstance(ref, _TensorRef):
-                continue
-            expected = tuple(math.prod(ref.shape[i + 1:]) for i in range(len(ref.shape)))
-            if any(st != ex for st, ex, d in zip(ref.stride, expected, ref.shape) if d > 1):
-                raise MergeError(f"{path}: tensor '{name}' is not stored contiguously; re-save it with safetensors")
-            entry = archive.getinfo(f"{prefix}data/{ref.storage.key}")
-            elem = torch.empty((), dtype=ref.storage.dtype).element_size()
-            info = TensorInfo(name, path, _data_offset(path, entry) + ref.offset * elem, ref.storage.dtype, ref.shape)
-            if info.offset + info.nbytes > size:
-                raise MergeError(f"{path}: truncated (tensor '{name}' lies beyond the end of the file)")
-            tensors[name] = info
-        return tensors
+    except DAMAGE as e:
+        raise MergeError(f"{path}: damaged torch checkpoint ({type(e).__name__}); re-download it") from None
+    try:
+        return _read_archive(path, archive)
+    except MergeError:
+        raise
+    except DAMAGE as e:
+        raise MergeError(f"{path}: damaged torch checkpoint ({type(e).__name__}); re-download it") from None
+    finally:
+        archive.close()
+
+
+def _read_archive(path: Path, archive: zipfile.ZipFile) -> dict[str, TensorInfo]:
+    pkl = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+    if pkl is None:
+        raise MergeError(f"{path}: no data.pkl in the checkpoint")
+    prefix = pkl[: -len("data.pkl")]
+    with archive.open(pkl) as f:
+        try:
+            state = _StateDictUnpickler(f, path).load()
+        except MergeError:
+            raise
+        except Exception as e:  # noqa: BLE001 (a damaged pickle: name the file)
+            raise MergeError(f"{path}: cannot read the checkpoint's structure ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise MergeError(f"{path}: the checkpoint is not a state dict")
+    size = path.stat().st_size
+    tensors: dict[str, TensorInfo] = {}
+    for name, ref in state.items():
+        if not isinstance(ref, _TensorRef):
+            continue
+        if not isinstance(name, str) or not all(isinstance(d, int) and d >= 0 for d in (*ref.shape, *ref.stride, ref.offset)):
+            raise MergeError(f"{path}: damaged torch checkpoint (tensor {str(name)[:80]!r} has a bad name, shape or offset); "
+                             "re-download it")
+        expected = tuple(math.prod(ref.shape[i + 1:]) for i in range(len(ref.shape)))
+        if any(st != ex for st, ex, d in zip(ref.stride, expected, ref.shape) if d > 1):
+            raise MergeError(f"{path}: tensor '{name}' is not stored contiguously; re-save it with safetensors")
+        entry = archive.getinfo(f"{prefix}data/{ref.storage.key}")
+        elem = torch.empty((), dtype=ref.storage.dtype).element_size()
+        start = _data_offset(path, entry)
+        info = TensorInfo(name, path, start + ref.offset * elem, ref.storage.dtype, ref.shape)
+        if info.offset + info.nbytes > size:
+            raise MergeError(f"{path}: truncated (tensor '{name}' lies beyond the end of the file)")
+        if info.offset + info.nbytes > start + entry.file_size:
+            raise MergeError(f"{path}: damaged torch checkpoint (tensor '{name}' runs past its storage); re-download it")
+        tensors[name] = info
+    return tensors

@@ -1,7 +1,9 @@
 """The non-weight files of a merged model folder: config, tokenizer, model card, recipe.
 
 A config with `auto_map` names custom modeling code: the donor's `*.py` files are copied next
-to it, or the output would not load (build_plan warns about it).
+to it, or the output would not load (build_plan warns about it). The code is copied, never run;
+the names an auto_map gives were checked to lie inside the donor's folder when its config.json
+and tokenizer_config.json were read (engine/inputs/source.py refuse_outside_code).
 
 Tokenizer: with a tokenizer configuration (plan.vocabulary, engine/plan/tokenizer_merge.py) the
 output tokenizer is saved with transformers' `save_pretrained`; without one the donor's
@@ -16,7 +18,9 @@ import json
 import shutil
 from pathlib import Path
 
+from ...errors import MergeError
 from ..inputs.paths import tokenizer_folder
+from ..inputs.source import refuse_outside_tokenizer_files
 from ..plan.hub_inputs import input_identity
 from ..plan.merge_plan import MergePlan
 
@@ -32,14 +36,19 @@ OUTPUT_FILES = ("config.json", "README.md", "mergeng_recipe.yml", "model.safeten
 
 
 def tokenizer_donor(plan: MergePlan) -> Path:
-    """Folder whose tokenizer and generation files are copied: tokenizer_source, else base, else first."""
+    """Folder whose tokenizer and generation files are copied: tokenizer_source, else base, else first.
+    The code its tokenizer_config.json's auto_map names must lie inside it (it is copied as it is)."""
+    donor = _tokenizer_donor(plan)
+    refuse_outside_tokenizer_files(donor, "tokenizer donor")
+    return donor
+
+
+def _tokenizer_donor(plan: MergePlan) -> Path:
     choice = plan.recipe.tokenizer_source or (plan.recipe.tokenizer.source if plan.recipe.tokenizer else None)
     if choice in (None, "base", "union"):
         return plan.sources[plan.config_donor].path
     if choice in plan.sources:
         return plan.sources[choice].path
-    from ...errors import MergeError
-
     path = tokenizer_folder(choice, None)
     if path is None:
         raise MergeError(f"recipe field 'tokenizer_source': '{choice}' is not 'base', a model of the recipe or a folder")
@@ -64,7 +73,14 @@ def write_output_files(plan: MergePlan, out_dir: Path, recipe_text: str, *, copy
         # a built vocabulary is saved whatever --copy-tokenizer says (as mergekit): the embeddings follow its ids
         if plan.chat_template is not None:
             tokenizer.chat_template = plan.chat_template
-        tokenizer.save_pretrained(str(out_dir))
+        try:
+            tokenizer.save_pretrained(str(out_dir))
+        except (OSError, MergeError):
+            raise
+        except Exception as e:  # noqa: BLE001  transformers refusing what a donor's files hold: one line, the merge is kept
+            raise MergeError(f"tokenizer donor {donor}: transformers cannot save its tokenizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); the weights are written: fix the donor's tokenizer "
+                             "files and run the same command again, or add --no-copy-tokenizer", exit_code=1) from None
     for name in GENERATION_FILES if tokenizer is not None or not copy_tokenizer else TOKENIZER_FILES:
         if (donor / name).exists():
             shutil.copyfile(donor / name, out_dir / name)

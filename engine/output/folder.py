@@ -16,6 +16,7 @@ from typing import Iterator
 from ...errors import MergeError
 from .files import OUTPUT_FILES, TOKENIZER_FILES
 from .journal import STATE_DIR
+from .space import disk_full, is_disk_full
 
 
 def refuse_unsafe_output(out_dir: Path, inputs: dict[str, Path]) -> None:
@@ -50,10 +51,13 @@ def refuse_foreign_folder(out_dir: Path) -> None:
 
 @contextmanager
 def output_errors(out_dir: Path, exit_code: int = 2) -> Iterator[None]:
-    """The OS refusing the output folder (read-only, permissions, a file in the path) is one line."""
+    """The OS refusing the output folder (read-only, permissions, a file in the path) is one line; a full
+    filesystem is space.disk_full's line (exit 1: free space, the same command resumes)."""
     try:
         yield
     except (OSError, sqlite3.Error) as e:
+        if is_disk_full(e):
+            raise disk_full(out_dir) from None
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         where = f" ({e.filename})" if isinstance(e, OSError) and e.filename and str(e.filename) != str(out_dir) else ""
         raise MergeError(f"cannot write to output folder {out_dir}: {reason}{where}; check its permissions or choose another --out",

@@ -11,6 +11,10 @@
     model_stats(pass, data)             the combined values of each finished model-wide statistics
                                         pass (engine/plan/model_statistics.py; torch.save of a dict
                                         of integer tensors), so a resumed run does not redo the pass
+    nonfinite(tensor, row_start, row_stop, model, input, count)
+                                        NaN/Inf met while computing a recorded chunk: `count`
+                                        values in tensor `input` of `model`, or in the output
+                                        tensor itself (model NULL); recorded in the chunk's commit
 
 A chunk is recorded only after its bytes were pwritten and the shard fdatasync'd, so every
 recorded chunk is on disk whatever happens next (kill -9, power loss). A resumed run skips
@@ -61,6 +65,8 @@ class Journal:
         self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS chunks (tensor TEXT, row_start INTEGER, row_stop INTEGER, crc32 INTEGER, PRIMARY KEY (tensor, row_start, row_stop))")
         self.db.execute("CREATE TABLE IF NOT EXISTS model_stats (pass INTEGER PRIMARY KEY, data BLOB)")
+        self.db.execute("CREATE TABLE IF NOT EXISTS nonfinite (tensor TEXT, row_start INTEGER, row_stop INTEGER, model TEXT, "
+                        "input TEXT, count INTEGER)")
         self.db.commit()
 
     def fingerprint(self) -> dict | None:
@@ -72,6 +78,7 @@ class Journal:
         with self.db:
             self.db.execute("DELETE FROM chunks")
             self.db.execute("DELETE FROM model_stats")
+            self.db.execute("DELETE FROM nonfinite")
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('fingerprint', ?)", (json.dumps(fingerprint, sort_keys=True),))
 
     def finished_chunks(self) -> dict[tuple[str, int, int], int]:
@@ -80,12 +87,17 @@ class Journal:
     def forget(self, tensors: list[str]) -> None:
         with self.db:
             self.db.executemany("DELETE FROM chunks WHERE tensor=?", [(t,) for t in tensors])
+            self.db.executemany("DELETE FROM nonfinite WHERE tensor=?", [(t,) for t in tensors])
 
-    def record(self, chunks: list[tuple[str, int, int, int]]) -> None:
-        """Record chunks whose bytes are already durable; a commit that fails records none of them."""
+    def record(self, chunks: list[tuple[str, int, int, int]],
+               nonfinite: list[tuple[str, int, int, str | None, str, int]] = ()) -> None:
+        """Record chunks whose bytes are already durable, with the non-finite values their computation met
+        (tensor, row_start, row_stop, model or None for the output, input tensor, count); a commit that
+        fails records none of them."""
         try:
             with self.db:
                 self.db.executemany("INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?)", chunks)
+                self.db.executemany("INSERT INTO nonfinite VALUES (?, ?, ?, ?, ?, ?)", nonfinite)
         except (sqlite3.OperationalError, OSError) as e:
             if is_disk_full(e):
                 raise disk_full(self.dir) from None
@@ -109,6 +121,18 @@ class Journal:
             if is_disk_full(e):
                 raise disk_full(self.dir) from None
             raise
+
+    def nonfinite(self) -> dict:
+        """The recorded chunks' non-finite counts, as NonFinite.figures() gives them."""
+        inputs: dict[str, dict[str, int]] = {}
+        outputs: dict[str, int] = {}
+        for model, name, count in self.db.execute("SELECT model, input, SUM(count) FROM nonfinite GROUP BY model, input "
+                                                  "ORDER BY model, input"):
+            if model is None:
+                outputs[name] = count
+            else:
+                inputs.setdefault(model, {})[name] = count
+        return {"inputs": inputs, "outputs": outputs}
 
     def close(self) -> None:
         self.db.close()

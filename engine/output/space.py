@@ -5,6 +5,8 @@
            ─► disk_full(where, still needed) ─► one line (exit 1) naming the filesystem, the bytes still needed,
               and that the same command resumes (a chunk whose commit failed is not recorded as done)
 
+    plan ─► space_figures: the same numbers, shown (output size, free space where it goes, Hub fetches)
+
 Bytes still to write are counted from what is allocated on disk (a resumed run's shards are partly
 written; shards are sparse until filled), so a resumed run asks only for what is left.
 """
@@ -56,6 +58,29 @@ def still_to_write(out_dir: Path, shards) -> int:
         have = max(allocated(out_dir / shard.file_name), allocated(out_dir / (shard.file_name + ".partial")))
         need += max(0, shard.size - have)
     return need
+
+
+def output_needs(out_dir: Path, shards) -> int:
+    """Bytes the output folder still needs: its shards' unwritten bytes plus the journal and reports."""
+    return still_to_write(out_dir, shards) + JOURNAL_BYTES
+
+
+def space_figures(out_dir: Path, shards, fetch_bytes: int = 0, cache_dir: Path | None = None) -> dict:
+    """What `plan` shows and `run` checks: per place (the output folder; the HF cache when Hub inputs must be
+    fetched), the folder, its filesystem, the bytes needed there, the free bytes and whether they fit.
+    Two places on one filesystem are judged together (both needs against its free space)."""
+    places = {"output": (Path(out_dir), output_needs(out_dir, shards))}
+    if fetch_bytes and cache_dir is not None:
+        places["cache"] = (Path(cache_dir), fetch_bytes)
+    together: dict[Path, int] = {}
+    for where, needed in places.values():
+        together[mount_point(where)] = together.get(mount_point(where), 0) + needed
+    figures = {}
+    for key, (where, needed) in places.items():
+        free = free_bytes(where)
+        figures[key] = {"folder": str(where), "filesystem": str(mount_point(where)), "needed_bytes": needed,
+                        "free_bytes": free, "fits": together[mount_point(where)] <= free}
+    return figures
 
 
 def require_space(where: Path, needed: int, what: str, option: str = "--no-space-check") -> None:

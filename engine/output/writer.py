@@ -164,6 +164,8 @@ class ShardWriter:
                 os.close(fd)
             os.replace(self.partial_path(shard), self.final_path(shard))
         except OSError as e:
+            if is_disk_full(e):
+                raise disk_full(self.out_dir, still_to_write(self.out_dir, self.layout.shards)) from None
             raise MergeError(f"cannot finish {shard.file_name} in {self.out_dir}: {e.strerror}", exit_code=1) from None
 
     def discard(self) -> None:

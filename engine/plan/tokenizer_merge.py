@@ -60,12 +60,22 @@ def _transformers():
 
 def load_tokenizer(path: Path, who: str):
     """A folder's tokenizer, as transformers loads it (fast)."""
+    from ..inputs.remote_code import remote_code_trusted
+    from ..inputs.source import refuse_outside_tokenizer_files
+
+    refuse_outside_tokenizer_files(path, who)  # the files and code it names stay inside the folder
     try:
-        return _transformers().AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=remote_code_trusted())
     except MergeError:
         raise
     except Exception as e:  # noqa: BLE001  transformers raises many kinds; one line names the folder
         raise MergeError(f"{who}: cannot load its tokenizer from {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    template = tokenizer.chat_template  # saved with the output: a template transformers cannot write fails now, not after the merge
+    if template is not None and not isinstance(template, str) and not (
+            isinstance(template, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in template.items())):
+        raise MergeError(f"{who}: the chat_template of {path / 'tokenizer_config.json'} is neither text nor a map of names to "
+                         "text; fix it, or choose another tokenizer_source")
+    return tokenizer
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ MERGEKIT_OPTIONS: dict[str, str] = {
     "--out-shard-size": "same as `--shard-size`, same notation: `5B` = 5 billion bytes, `500M`, `100K`, plain bytes (also `5G`, `5GB`, `1.5G`)",
     "--copy-tokenizer": "same (default on); `--no-copy-tokenizer` writes no tokenizer files",
     "--clone-tensors": "accepted, no effect (note): every tensor is written into its own byte range anyway",
-    "--trust-remote-code": "accepted: mergeng never runs model code; a custom-code model's `*.py` files are copied with a warning either way",
+    "--trust-remote-code": "same: without it no code a model carries runs (transformers is called with `trust_remote_code=False` where it loads a tokenizer or config); a custom-code model's `*.py` files are copied with a warning either way",
     "--random-seed": "same as `--seed`",
     "--lazy-unpickle": "accepted, no effect (note): `pytorch_model.bin` is always read lazily",
     "--write-model-card": "same (default on); `--no-write-model-card` writes no README.md",
