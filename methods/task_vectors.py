@@ -206,6 +206,15 @@ class MagnitudeOutliers(Magnitude):
         return Sparsity(keep=keep, scale=scale)
 
 
+def inline_masks(job: TaskVectors) -> Tensor | None:
+    """Where a random sparsifier's statistics run inline (one call holds every row), the masks it draws are kept
+    for the apply, which would otherwise draw (and, for DELLA, rank) every element a second time: uint8
+    [rows, models, cols], a byte an element per model, counted in these methods' scratch. None for a chunk."""
+    if (job.ctx.row_start, job.ctx.row_stop) != (0, job.ctx.rows):
+        return None
+    return torch.zeros(job.rows, len(job.tensors), job.cols, dtype=torch.uint8)
+
+
 class RandomDrop(Sparsifier):
     """DARE: keep each element with probability `density` (keyed uniforms, u < density)."""
 
@@ -225,16 +234,19 @@ class RandomDrop(Sparsifier):
         if not job.rescale:
             return {}
         sums = torch.zeros(job.rows, len(job.tensors), 2, dtype=torch.float64)
+        masks = inline_masks(job)
         for i in range(len(job.tensors)):
             if not self._sparse(i, job):
                 continue
             for a, b in row_blocks(job.rows, job.cols):
                 d = job.delta(i, a, b)
                 keep = self._keep(i, job, a, b, d)
+                if masks is not None:
+                    masks[a:b, i] = keep
                 d.abs_()
                 sums[a:b, i, 0] = row_sums(d.double())
                 sums[a:b, i, 1] = row_sums(d.mul_(keep).double())
-        return {"tv.l1": sums}
+        return {"tv.l1": sums} if masks is None else {"tv.l1": sums, "tv.keep": masks}
 
     def plan(self, i: int, job: TaskVectors) -> Sparsity:
         if not self._sparse(i, job):
@@ -242,6 +254,9 @@ class RandomDrop(Sparsifier):
         scale = 1.0
         if job.rescale:
             scale = _l1_scale(float(total(job.stats["tv.l1"][:, i, 0])), float(total(job.stats["tv.l1"][:, i, 1])))
+        kept = job.stats.get("tv.keep") if job.stats else None
+        if kept is not None:
+            return Sparsity(keep=lambda a, b, d: kept[a:b, i].bool(), scale=scale)
         return Sparsity(keep=lambda a, b, d: self._keep(i, job, a, b, d), scale=scale)
 
 
@@ -297,10 +312,7 @@ class DellaMagprune(RandomDrop):
         if not job.rescale:
             return {}
         sums = torch.zeros(job.rows, len(job.tensors), 2, dtype=torch.float64)
-        # run inline (one call holds every row): the masks are kept for the apply, which would otherwise rank
-        # and draw every element a second time (uint8, one byte an element per model: della's scratch counts it)
-        inline = (job.ctx.row_start, job.ctx.row_stop) == (0, job.ctx.rows)
-        masks = torch.zeros(job.rows, len(job.tensors), job.cols, dtype=torch.uint8) if inline else None
+        masks = inline_masks(job)
         for i in range(len(job.tensors)):
             if not self._sparse(i, job):
                 continue
@@ -312,7 +324,7 @@ class DellaMagprune(RandomDrop):
                 d = as_rows(d.abs_())
                 sums[a:b, i, 0] = row_sums(d.double())
                 sums[a:b, i, 1] = row_sums(d.mul_(as_rows(keep)).double())
-        return {"tv.l1": sums} if masks is None else {"tv.l1": sums, "della.keep": masks}
+        return {"tv.l1": sums} if masks is None else {"tv.l1": sums, "tv.keep": masks}
 
     def plan(self, i: int, job: TaskVectors) -> Sparsity:
         if not self._sparse(i, job):
@@ -329,7 +341,7 @@ class DellaMagprune(RandomDrop):
         if job.rescale:
             scale = _l1_scale(float(total(job.stats["tv.l1"][:, i, 0])), float(total(job.stats["tv.l1"][:, i, 1])))
 
-        kept = job.stats.get("della.keep") if job.stats else None
+        kept = job.stats.get("tv.keep") if job.stats else None
 
         def keep(a: int, b: int, d: Tensor) -> Tensor:
             if kept is not None:
@@ -431,8 +443,8 @@ def _declare(member: Member) -> None:
     # scratch: the accumulators (consensus: total, ±sums, ±weights; otherwise the sum) and the result,
     # plus one for statistics run inline and per-block temporaries (δ, keys, masks, uniforms; bounded
     # by row_sums.BLOCK_ELEMENTS) — measured: ties 5.5, della 5.8, dare_linear 1.4 tensors.
-    # della keeps its masks (a byte an element per model) from an inline statistics pass: one more tensor
-    extra_scratch = 1 if isinstance(member.sparsifier, DellaMagprune) else 0
+    # DARE and DELLA keep their masks (a byte an element per model) from an inline statistics pass: one more tensor
+    extra_scratch = 1 if isinstance(member.sparsifier, RandomDrop) else 0
     merge_method(member.name, min_models=1, statistics=[statistics_pass(k) for k in range(passes)],
                  scratch=(6 if member.consensus else 2) + extra_scratch)(merge)
 
