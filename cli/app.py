@@ -356,6 +356,9 @@ app.command("moe")(moe)  # mergeng moe CONFIG -o OUT
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .. import engine
+
+    engine.ONE_SHOT_PROCESS = True  # this process runs one command and exits
     try:
         app()
     except KeyboardInterrupt:

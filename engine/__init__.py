@@ -15,3 +15,7 @@ any cycle. Reading order for a newcomer: the packages in that order, each one's 
 ../methods/declaration.py and registry.py after plan/ (merge methods are plain functions);
 ../architectures/ says what tensor names mean (layer stacks, alignment, vocabulary axes).
 """
+
+# True in a `mergeng` command-line process (set by cli/app.py's entry point): one plan, one run, then exit, so
+# what planning made may be frozen out of the garbage collector's sight (engine/run.py, cyclic_gc_paused)
+ONE_SHOT_PROCESS = False

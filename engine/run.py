@@ -20,6 +20,7 @@ import gc
 import hashlib
 import json
 import sqlite3
+import sys
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -78,15 +79,17 @@ def prepare(recipe_path: str | Path, budget: int | None = None, shard_size: int 
 def cyclic_gc_paused():
     """Planning makes millions of small, long-lived objects (headers, tasks, units) and no garbage cycles worth
     collecting: Python's cyclic collector would walk them again and again (a third of planning a 92k-tensor
-    model, and as much again when it met them afterwards). Paused while planning; what planning made is then
-    frozen (gc.freeze: never scanned again, for the rest of the run). Reference counting still frees
-    everything as usual; only a reference cycle made while planning would outlive its use."""
+    model). Paused while planning; reference counting still frees everything as usual. A command-line process
+    (mergeng.engine.ONE_SHOT_PROCESS, set by `mergeng`'s entry point) then freezes what planning made (gc.freeze: never scanned again, for the rest of
+    its one run); a long-lived process (the Python API, the tests) does not, since a cycle frozen there would
+    never be collected."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        if getattr(sys.modules[__package__], "ONE_SHOT_PROCESS", False):
+            gc.freeze()
         if enabled:
             gc.enable()
 

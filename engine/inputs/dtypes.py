@@ -51,3 +51,23 @@ def num_rows(shape: tuple[int, ...] | list[int]) -> int:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> 'bfloat16' (the spelling config.json uses)."""
     return str(dtype).removeprefix("torch.")
+
+
+class once:
+    """A computed attribute kept on the instance after its first read (functools.cached_property without the
+    per-read lock Python 3.11's version takes: a 671B plan reads a million of them). Works on frozen
+    dataclasses (it writes the instance's __dict__ directly); not an init field, so `replace` recomputes it."""
+
+    def __init__(self, function):
+        self.function = function
+        self.name = function.__name__
+        self.__doc__ = function.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.function(instance)
+        return value

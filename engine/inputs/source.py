@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -139,7 +140,9 @@ def parse_json(text: bytes | str, where: str, again: str = "get the model again"
     that keep the last would see different models), nesting and numbers within Python's limits.
     Anything else is one MergeError starting with `where` and ending with what to do (`again`)."""
     try:
-        value = json.loads(text, object_pairs_hook=_refuse_repeated_keys)
+        value = json.loads(text)
+        if _key_tokens(text) != _parsed_keys(value):  # maybe a key given twice: parse again, checking every object
+            value = json.loads(text, object_pairs_hook=_refuse_repeated_keys)
     except _GivenTwice as e:
         raise MergeError(f"{where} (the key '{str(e.args[0])[:80]}' is given twice); {again}") from None
     except UnicodeDecodeError:
@@ -151,6 +154,25 @@ def parse_json(text: bytes | str, where: str, again: str = "get the model again"
     if not isinstance(value, dict):
         raise MergeError(f"{where} (not a JSON object); {again}")
     return value
+
+
+_KEY_END = re.compile(rb'"\s*:')
+
+
+def _key_tokens(text: bytes | str) -> int:
+    """How many `"...":` patterns the text holds: one per key given, plus one per escaped quote followed by a
+    colon inside a string. Equal to the same count over the parsed value written back out (where every key
+    appears once and every string keeps its escaped quotes), no key was given twice: the fast path, the C parser
+    and C serializer alone (a 92k-tensor header's objects through a Python hook cost seconds). A text that
+    spells a quote as \\u0022 is always checked the slow way."""
+    raw = text.encode() if isinstance(text, str) else bytes(text)
+    if b"\\u0022" in raw:
+        return -1
+    return len(_KEY_END.findall(raw))
+
+
+def _parsed_keys(value) -> int:
+    return len(_KEY_END.findall(json.dumps(value).encode()))
 
 
 def read_json_file(path: Path, what: str) -> dict:
@@ -564,11 +586,15 @@ class ModelSource:
     def _check_weight_map(self) -> None:
         """Every tensor the index lists is in the file it names (a tensor it does not list, e.g. a shard's
         extra, is read from its header as before)."""
+        paths: dict[str, Path] = {}  # one Path per shard name, not one per tensor
         for name, file in self._weight_map.items():
             info = self.tensors.get(name)
             if info is None:
                 raise MergeError(f"{self._index}: lists tensor '{name}' in {file}, which does not hold it; get the model again")
-            if info.file != self.path / file:
+            path = paths.get(file)
+            if path is None:
+                path = paths[file] = self.path / file
+            if info.file != path:
                 raise MergeError(f"{self._index}: lists tensor '{name}' in {file}, but it is in {info.file.name}; get the model again")
 
     def file_size(self, file: Path) -> int:

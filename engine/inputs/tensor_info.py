@@ -11,13 +11,12 @@ of the engine but dtype arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from .dtypes import element_size, num_rows, row_elements, tensor_bytes
+from .dtypes import element_size, once, num_rows, row_elements, tensor_bytes
 
 
 class TensorPatch(Protocol):
@@ -44,14 +43,14 @@ class TensorInfo:
     patch: TensorPatch | None = None
 
     # computed once per tensor (a 92k-tensor plan asks millions of times); not fields: `replace` recomputes them
-    @cached_property
+    @once
     def nbytes(self) -> int:
         return tensor_bytes(self.shape, self.dtype)
 
-    @cached_property
+    @once
     def rows(self) -> int:
         return num_rows(self.shape)
 
-    @cached_property
+    @once
     def row_bytes(self) -> int:
         return row_elements(self.shape) * element_size(self.dtype)

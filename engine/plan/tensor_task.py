@@ -10,14 +10,13 @@ plain parameter values already resolved for this tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
 
 from ...methods.registry import MergeMethod
 from ..inputs.tensor_info import TensorInfo
-from ..inputs.dtypes import element_size, num_rows, row_elements, tensor_bytes
+from ..inputs.dtypes import element_size, once, num_rows, row_elements, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -26,15 +25,15 @@ class OutputTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
-    @cached_property
+    @once
     def nbytes(self) -> int:
         return tensor_bytes(self.shape, self.dtype)
 
-    @cached_property
+    @once
     def row_bytes(self) -> int:
         return row_elements(self.shape) * element_size(self.dtype)
 
-    @cached_property
+    @once
     def rows(self) -> int:
         return num_rows(self.shape)
 
@@ -54,7 +53,7 @@ class TensorTask:
     # not an init field, so `dataclasses.replace` gives a new task a memo of its own
     memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    @cached_property
+    @once
     def all_inputs(self) -> tuple[tuple[str, TensorInfo], ...]:
         """(model, tensor) of every input, base first."""
         base = ((self.base_model, self.base),) if self.base is not None else ()

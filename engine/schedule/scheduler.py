@@ -161,14 +161,11 @@ def make_schedule(tasks: list[TensorTask], budget: int, baseline: int, workers: 
         state_bytes[i] = 0 if inline else footprint.state_bytes(rows) + held_bytes(task)
         merge_bytes[task.output.name] = unit_bytes(task, footprint, statistics, chunk, inline)
         first_pass = statistics if inline else 0
-        sizes: dict[tuple[int, int], int] = {}  # equal chunks: a pass's units share at most two sizes
+        last = rows - (-(-rows // chunk) - 1) * chunk  # equal chunks: every unit of a pass but the last is `chunk` rows
         for p in range(first_pass, statistics + 1):  # rule 2: a tensor's units are consecutive
-            for start in range(0, rows, chunk):
-                stop = min(rows, start + chunk)
-                size = sizes.get((p, stop - start))
-                if size is None:
-                    size = sizes[p, stop - start] = unit_bytes(task, footprint, p, stop - start, inline)
-                units.append(WorkUnit(i, p, start, stop, size))
+            full = unit_bytes(task, footprint, p, chunk, inline)
+            units.extend([WorkUnit(i, p, start, start + chunk, full) for start in range(0, rows - last, chunk)])
+            units.append(WorkUnit(i, p, rows - last, rows, full if last == chunk else unit_bytes(task, footprint, p, last, inline)))
     units = _model_units(tasks, order, chunk_rows, passes) + units
     peak = predicted_peak(units, state_bytes, workers, work_budget, baseline) + model_state
     return Schedule(units, chunk_rows, budget, baseline, workers, peak, min_budget, merge_bytes, state_bytes, *named,
