@@ -61,11 +61,14 @@ class SignConsensus:
     def add(self, a: int, b: int, signs: Tensor, contribution: Tensor, weight: float) -> None:
         """Rows [a, b): `signs` decide the vote and which side `contribution` (weight `weight`) joins."""
         self.total[a:b] += signs
+        # a finite contribution joins its side by a product with the vote (torch.where is ~3x slower on CPU);
+        # where it holds NaN or an infinity, torch.where keeps them out of the side they do not join
+        finite = bool(torch.isfinite(contribution.sum()))
         for side, side_weight, agree in ((self.positive, self.positive_weight, signs > 0),
                                          (self.negative, self.negative_weight, signs < 0)):
-            side[a:b] += torch.where(agree, contribution, 0.0)
+            side[a:b] += contribution * agree if finite else torch.where(agree, contribution, 0.0)
             if side_weight is not None:
-                side_weight[a:b] += agree.to(torch.float32) * weight
+                side_weight[a:b].add_(agree, alpha=weight)
 
     def elected(self) -> tuple[Tensor, Tensor | None]:
         """(Σ agreeing contributions, Σ agreeing weights), in the buffers of the positive side."""
