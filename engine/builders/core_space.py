@@ -52,7 +52,7 @@ from ...methods.declaration import declare_method
 from ...methods.registry import MergeContext, Tensor, get_method
 from ..inputs.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_PRODUCT_BLOCK_ROWS, PRODUCT_BLOCK_BYTES, ChainedPatch, LoraPatch,
                            PatchedRows, ReplacePatch)
-from ..inputs.source import ComputedRows, TensorInfo, disk_row_bytes, read_rows, stored_origin
+from ..inputs.source import RowsOverStored, TensorInfo, read_rows
 from ..output.writer import AppendingWriter
 from ..plan.merge_plan import MergePlan
 from ..plan.tensor_task import TensorTask
@@ -74,7 +74,7 @@ class Factors:
     saved: TensorInfo | None = None  # the base layer as the adapter saved it (PEFT save_embedding_layers)
 
 
-class CoreSpacePatch(ComputedRows):
+class CoreSpacePatch(RowsOverStored):
     """Rows of W0 + B'·A', B'·A' the core-space merge of the tensor's adapters (read through read_rows).
 
     Factors are taken in the stored tensor's orientation: ΔW = s·B·A, or (s·B·A)ᵀ = Aᵀ·(s·B)ᵀ for
@@ -173,17 +173,6 @@ class CoreSpacePatch(ComputedRows):
         self.check_saved(rows, start, stop)
         return self.delta(start, stop).add_(rows)
 
-    def origin(self) -> TensorInfo:
-        return stored_origin(self.inner)
-
-    def read_row_bytes(self) -> int:
-        return disk_row_bytes(self.inner)
-
-    def aligned_inputs(self) -> tuple[TensorInfo, ...]:
-        return (self.inner,)
-
-    def stored_inputs(self) -> tuple[TensorInfo, ...]:
-        return (self.inner,)
 
 
 def _refuse(message: str):

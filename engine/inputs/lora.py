@@ -41,7 +41,7 @@ import torch
 
 from ...errors import MergeError
 from .paths import locate_model, open_source
-from .source import ComputedRows, TensorInfo, disk_row_bytes, read_rows, read_json_file, read_safetensors_header, stored_origin
+from .source import ComputedRows, RowsOverStored, TensorInfo, read_rows, read_json_file, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -313,7 +313,7 @@ class ChainedPatch:
         return self.second.apply(self.first.apply(rows, start, stop), start, stop)
 
 
-class PatchedRows(ComputedRows):
+class PatchedRows(RowsOverStored):
     """A patch over a tensor whose rows are themselves computed (a LoRA on a quantized base's weight):
     the inner rows come through read_rows (dequantized), then the patch applies."""
 
@@ -325,17 +325,6 @@ class PatchedRows(ComputedRows):
     def read(self, start: int, stop: int) -> torch.Tensor:
         return self.patch.apply(read_rows(self.inner, start, stop), start, stop)
 
-    def origin(self) -> TensorInfo:
-        return stored_origin(self.inner)
-
-    def read_row_bytes(self) -> int:
-        return disk_row_bytes(self.inner)
-
-    def aligned_inputs(self) -> tuple[TensorInfo, ...]:
-        return (self.inner,)
-
-    def stored_inputs(self) -> tuple[TensorInfo, ...]:
-        return (self.inner,)
 
 
 def _chain(first, second, inner: TensorInfo):

@@ -327,6 +327,26 @@ def disk_row_bytes(info: TensorInfo) -> int:
     return info.patch.read_row_bytes() if isinstance(info.patch, ComputedRows) else info.row_bytes
 
 
+class RowsOverStored(ComputedRows):
+    """A computed tensor whose rows [a, b) are rows [a, b) of one tensor, `inner`, changed as they are read
+    (a patch over a computed base, a merged LoRA update): where reads start, what they cost on disk and
+    which stored tensors they touch are `inner`'s."""
+
+    inner: TensorInfo
+
+    def origin(self) -> TensorInfo:
+        return stored_origin(self.inner)
+
+    def read_row_bytes(self) -> int:
+        return disk_row_bytes(self.inner)
+
+    def aligned_inputs(self) -> tuple[TensorInfo, ...]:
+        return (self.inner,)
+
+    def stored_inputs(self) -> tuple[TensorInfo, ...]:
+        return (self.inner,)
+
+
 F32_BYTES = 4
 MEAN_BLOCK_BYTES = 8 << 20  # a gather's padding mean is summed over fixed row blocks of about this size
 
