@@ -116,14 +116,15 @@ def input_files(models: list[Path] = MODELS) -> list[Path]:
     return [p for m in models for p in sorted(m.glob("*.safetensors"))]
 
 
-def build_models(python: str) -> None:
-    for k, path in enumerate(MODELS):
+def build_models(python: str, models: list[Path] = MODELS, build: str = BUILD, size: str = "~2 GB") -> None:
+    """Build each missing model of `models` (variant k) with the `build` snippet, in a child process, once."""
+    for k, path in enumerate(models):
         if (path / ".complete").exists():
             continue
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"building {path.name} (~2 GB, once; ~30 s) ...", flush=True)
-        subprocess.run([python, "-c", BUILD, str(tmp), str(k)], check=True, cwd=ROOT)
+        print(f"building {path.name} ({size}, once) ...", flush=True)
+        subprocess.run([python, "-c", build, str(tmp), str(k)], check=True, cwd=ROOT)
         (tmp / ".complete").touch()
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,19 +63,6 @@ def recipe(method: str) -> str:
     return head + f"base_model: {base}\nmodels:\n" + tuned
 
 
-def build(python: str) -> None:
-    for k, path in enumerate(MODELS):
-        if (path / ".complete").exists():
-            continue
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"building {path.name} (~0.6 GB, once) ...", flush=True)
-        subprocess.run([python, "-c", BUILD, str(tmp), str(k)], check=True, cwd=ROOT)
-        (tmp / ".complete").touch()
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default=",".join(MERGEKIT_METHODS))
@@ -86,7 +72,7 @@ def main() -> int:
     ap.add_argument("--mergeng", default=shutil.which("mergeng", path=str(Path(sys.executable).parent)) or "mergeng")
     ap.add_argument("--python", default=sys.executable)
     args = ap.parse_args()
-    build(args.python)
+    bm.build_models(args.python, MODELS, BUILD, "~0.6 GB")
     bm.MODELS[:] = MODELS  # the cold-cache dropper reads these
     mk = bm.find_mergekit(args.mergekit)
     methods = args.methods.split(",")

@@ -60,3 +60,20 @@ def gradient(values: list[float], t: float) -> float:
     i = int(s)
     j = min(i + 1, len(values) - 1)
     return values[i] * (1 - (s - i)) + values[j] * (s - i)
+
+
+def disk_full_after(monkeypatch, writes: int):
+    """Make os.pwrite fail with ENOSPC (a full disk) after `writes` calls; returns what frees the space again."""
+    import errno
+    import os
+
+    real_pwrite, calls = os.pwrite, {"n": 0}
+
+    def pwrite_until_full(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite_until_full)
+    return lambda: monkeypatch.setattr(os, "pwrite", real_pwrite)

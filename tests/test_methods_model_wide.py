@@ -12,16 +12,14 @@ one-line refusals.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, load_tensors, merge
+from helpers import cli, disk_full_after, load_tensors, merge
 
 from mergeng.cli.tiny_models import LlamaShape, make_llama
 from mergeng.methods.registry import MergeContext, get_method
@@ -178,18 +176,10 @@ def test_an_interrupted_run_resumes_without_redoing_the_model_wide_pass(tmp_path
                                                   "passes_reused": 0}
     out = tmp_path / "out"
     (tmp_path / "again.yml").write_text(text)
-    real_pwrite, calls = os.pwrite, {"n": 0}
-
-    def pwrite_until_full(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite_until_full)
+    free_space = disk_full_after(monkeypatch, 30)
     result = cli("run", tmp_path / "again.yml", "-o", out, *CHUNKED)
     assert result.exit_code == 1 and "disk full" in result.output and "Traceback" not in result.output
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    free_space()
     assert journaled_passes(out) == 6
     assert cli("run", tmp_path / "again.yml", "-o", out, *CHUNKED).exit_code == 0
     assert (out / "model.safetensors").read_bytes() == (clean / "model.safetensors").read_bytes()

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_recipe
-from helpers import cli
+from helpers import cli, disk_full_after
 
 from mergeng.cli.tiny_models import TINY, make_llama
 
@@ -681,25 +681,15 @@ def test_a_quantized_write_back_stopped_by_a_full_disk_resumes_to_the_same_bytes
     """Interrupted mid-run (ENOSPC on a shard write), the rerun resumes: partners whose codes were written before
     the stop are computed again (and NVFP4's global scale from the whole tensor: per-group scales, a global
     scale and packed codes, every kind of part), to the bytes of a clean run."""
-    import errno
-    import os
 
     (a, _), (b, _) = ct_model(tmp_path, preset, fmt, 0), ct_model(tmp_path, preset, fmt, 1)
     recipe = write_recipe(tmp_path, LINEAR.format(a=a, b=b))
     args = ("--max-unit", "8K", "--shard-size", "64K", "--workers", "1")
     assert cli("run", recipe, "-o", tmp_path / "clean", *args).exit_code == 0
-    real_pwrite, calls = os.pwrite, {"n": 0}
-
-    def pwrite_until_full(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 30:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite_until_full)
+    free_space = disk_full_after(monkeypatch, 30)
     result = cli("run", recipe, "-o", tmp_path / "out", *args)
     assert result.exit_code == 1 and "disk full" in result.output
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    free_space()
     result = cli("run", recipe, "-o", tmp_path / "out", *args)
     assert result.exit_code == 0 and "resumed" in result.output, result.output
     assert ({p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.safetensors")}

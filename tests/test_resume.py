@@ -1,7 +1,5 @@
 """Interrupted merges resume to byte-identical output; verify catches corruption."""
 
-import errno
-import os
 import signal
 import sqlite3
 import subprocess
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_recipe
-from helpers import cli
+from helpers import cli, disk_full_after
 from mergeng.cli.tiny_models import LlamaShape, make_llama
 
 MEDIUM = LlamaShape(hidden_size=256, num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
@@ -100,18 +98,10 @@ def test_ctrl_c_stops_with_one_line_and_resumes(tmp_path, medium):
 def test_full_disk_stops_cleanly_and_resumes_after_space_is_freed(tmp_path, medium, monkeypatch):
     recipe, reference = medium
     out = tmp_path / "out"
-    real_pwrite, calls = os.pwrite, {"n": 0}
-
-    def pwrite_until_full(fd, data, offset):
-        calls["n"] += 1
-        if calls["n"] > 40:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", pwrite_until_full)
+    free_space = disk_full_after(monkeypatch, 40)
     result = cli("run", recipe, "-o", out, *RUN_ARGS)
     assert result.exit_code == 1 and "disk full" in result.output and "Traceback" not in result.output
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    free_space()
     assert cli("run", recipe, "-o", out, *RUN_ARGS).exit_code == 0
     assert shard_bytes(out) == shard_bytes(reference)
 
