@@ -9,8 +9,8 @@ config describes its n layers in three ways, and each is rewritten for the new l
 
 They are found in the config that holds the language layer count: the top level, else a nested
 text config (`text_config`, `language_config`, ...). A layer count's names are
-`num_hidden_layers`, the names transformers' config class maps onto it (`attribute_map`, when
-transformers is installed; it is never required) and LAYER_COUNT_NAMES, when they hold n. A
+`num_hidden_layers`, the names transformers' config class maps onto it (`attribute_map`: count_aliases.py's
+table, else the installed transformers; it is never required) and LAYER_COUNT_NAMES, when they hold n. A
 per-layer list is any list of n entries, a per-layer string (`hybrid_override_pattern`) any
 string of n characters under a name with `pattern` in it; a layer-index list holds distinct
 ascending layer numbers, fewer than n (or exactly 0..n-1), under a name with `layer`, `idx`
@@ -21,6 +21,7 @@ describes the output's layers, so the config never contradicts itself.
 from __future__ import annotations
 
 from ..errors import MergeError
+from .count_aliases import COUNT_ALIASES, WITHOUT_ALIAS, WRITTEN_FROM
 
 LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_blocks", "decoder_layers", "num_decoder_layers")
 NESTED_TEXT_CONFIGS = ("text_config", "language_config", "llm_config", "text_decoder_config", "decoder_config")
@@ -30,15 +31,27 @@ NOT_PER_LAYER = ("architectures", "eos_token_id", "bos_token_id", "pad_token_id"
 
 
 def _count_aliases(model_type: str | None) -> set[str]:
-    """The names transformers' config class for `model_type` maps onto num_hidden_layers (empty without transformers)."""
+    """The names transformers' config class for `model_type` maps onto num_hidden_layers: from the table
+    written from transformers (count_aliases.py), else asked of the installed transformers (empty without it)."""
     if not model_type:
         return set()
+    if model_type in COUNT_ALIASES or model_type in WITHOUT_ALIAS or installed_transformers() == WRITTEN_FROM:
+        return set(COUNT_ALIASES.get(model_type, ()))  # (a type the table's transformers lacks: it has none either)
     try:
         from transformers import CONFIG_MAPPING
         cls = CONFIG_MAPPING[model_type]
     except Exception:  # noqa: BLE001 - transformers absent, or a model type it does not know
         return set()
     return {v for k, v in getattr(cls, "attribute_map", {}).items() if k == "num_hidden_layers"}
+
+
+def installed_transformers() -> str | None:
+    """"transformers X.Y.Z" as installed, read from its metadata (importing it costs a second), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"transformers {version('transformers')}"
+    except PackageNotFoundError:
+        return None
 
 
 def layer_count_keys(holder: dict, layers: int, stack: str = "") -> list[str]:

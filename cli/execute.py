@@ -35,8 +35,14 @@ def run_recipe(recipe: Path, out_path: Optional[Path] = None, out_dir: Optional[
     """`mergeng run` with plain arguments (also `lora apply`'s body). Code a model carries runs only with
     `trust_remote_code` (engine/inputs/remote_code.py)."""
     from ..engine.inputs.remote_code import trusting_remote_code
+    from ..engine.plan.config_check import config_checks_deferred
 
-    with trusting_remote_code(trust_remote_code):
+    try:
+        text = Path(recipe).read_text()
+    except (OSError, UnicodeDecodeError):  # said by prepare, in its words
+        text = ""
+    # transformers' look at a re-layered config runs in a child process beside the merge, started before torch is imported
+    with trusting_remote_code(trust_remote_code), config_checks_deferred(text):
         _run_recipe(recipe, out_path, out_dir, ram=ram, shard_size=shard_size, workers=workers, fresh=fresh, seed=seed,
                     strict=strict, truncate_vocab=truncate_vocab, max_unit=max_unit, debug=debug, allow_crimes=allow_crimes,
                     copy_tokenizer=copy_tokenizer, write_model_card=write_model_card, verbose=verbose, quiet=quiet, flags=flags,
@@ -115,8 +121,8 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     from ..engine.run import run_merge
     from .progress import MergeProgress
 
-    warnings = prepared.plan.warnings
-    for w in warnings:
+    said = list(prepared.plan.warnings)  # a check still running in a thread (config_check.py) is said after the merge
+    for w in said:
         console.print(f"[yellow]warning:[/yellow] {escape(one_line(w))}", highlight=False, soft_wrap=True)
     total = sum(t.output.nbytes for t in prepared.plan.tasks)
     fetch = sum(h.fetch_bytes for h in hub_inputs(prepared.plan))
@@ -130,7 +136,8 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
         except KeyboardInterrupt:
             console.print("[yellow]interrupted:[/yellow] finished tensors are saved; run the same command again to resume.")
             raise typer.Exit(130)
-    for note in profile.get("method_notes") or []:
+    warnings = prepared.plan.settle_warnings()
+    for note in warnings[len(said):] + (profile.get("method_notes") or []):
         console.print(f"[yellow]warning:[/yellow] {escape(one_line(note))}", highlight=False, soft_wrap=True)
     nonfinite = NonFinite.summary(profile.get("nonfinite"))
     if nonfinite:

@@ -46,7 +46,7 @@ def plan_summary(prepared: Prepared, out_dir: Path | None = None) -> dict:
         "method": plan.recipe.merge_method,
         "inputs": {label: str(src.path) for label, src in plan.sources.items()},
         "workers": s.workers,
-        "warnings": plan.warnings,
+        "warnings": plan.settle_warnings(),
         "lora": lora_summary(plan.sources),
         "renamed": {m: {"tensors": len(a), "rules": summarize(a)} for m, a in plan.alignments.items()},
         "modules": plan.modules,

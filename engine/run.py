@@ -164,7 +164,7 @@ def plan_recipe(recipe: Recipe, sources: dict, *, seed: int | None = None, trunc
 
 def refuse_warnings(plan: MergePlan) -> None:
     """--strict: the first warning becomes the error (every warning is in report.json otherwise)."""
-    if plan.warnings:
+    if plan.settle_warnings():
         more = f" (and {len(plan.warnings) - 1} more warning(s))" if len(plan.warnings) > 1 else ""
         raise MergeError(f"{plan.warnings[0]}{more}; --strict makes warnings errors")
 
@@ -381,7 +381,7 @@ def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None, met
     why; a multi-stage recipe's stages; the non-finite values the run met; what methods said about
     the weights (`method_warnings`, e.g. rank-deficient task vectors under an SVD merge)."""
     report = {"inputs": input_identities(plan), "tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
-              "warnings": plan.warnings, "method_warnings": method_notes or [],
+              "warnings": plan.settle_warnings(), "method_warnings": method_notes or [],
               "nonfinite": nonfinite or {"inputs": {}, "outputs": {}}}
     if plan.stages:
         report["stages"] = plan.stages
@@ -413,7 +413,7 @@ def run_moe(config_path: str | Path, out_dir: str | Path, budget: int | None = N
     prepared, build = prepare_moe(config_path, out_dir, budget, seed, fresh=fresh, **options)
     profile = run_merge(prepared, out_dir)
     profile["gate_peak_rss_bytes"] = build.gate_peak_rss
-    profile["warnings"] = build.plan.warnings
+    profile["warnings"] = build.plan.settle_warnings()
     return profile
 
 

@@ -144,6 +144,13 @@ def test_a_config_transformers_would_refuse_is_said_at_plan_time(tmp_path):
     result = cli("plan", recipe)
     assert result.exit_code == 0 and "refuses the re-layered config" in result.output.replace("\n", " ")
     assert cli("run", recipe, "-o", tmp_path / "out", "--strict").exit_code == 2
+    # without --strict, run asks transformers in a thread beside the merge: the answer still reaches its
+    # output and report.json, in the place the plan gives it
+    ran = cli("run", recipe, "-o", tmp_path / "out")
+    assert ran.exit_code == 0 and "refuses the re-layered config" in ran.output.replace("\n", " ")
+    report = json.loads((tmp_path / "out" / ".mergeng" / "report.json").read_text())
+    planned = json.loads(cli("plan", recipe, "--format", "json").output)["warnings"]
+    assert report["warnings"] == planned and any("refuses the re-layered config" in w for w in planned)
     good = tmp_path / "llama.yml"
     llama = tmp_path / "llama"
     good.write_text(frankenmerge_recipe(llama, make_causal_lm(llama, "llama", 4)))

@@ -360,7 +360,7 @@ def plan_stages(stages: list[Stage], recipe_dir: Path | None, build, on_disk: di
             write_output_files(plan, folder, stage.text, copy_tokenizer=True, write_model_card=False)
             made[stage.name] = StageSource(stage, plan, folder)
     final = stage_plans[-1][1]
-    warnings = [f"{stage.label}: {w}" for stage, plan in stage_plans[:-1] for w in plan.warnings]
+    warnings = [f"{stage.label}: {w}" for stage, plan in stage_plans[:-1] for w in plan.settle_warnings()]
     final.warnings = warnings + final.warnings
     final.stages = [stage_summary(stage, plan, final) for stage, plan in stage_plans]
     return final

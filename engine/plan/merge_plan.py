@@ -28,6 +28,7 @@ from ...methods.svc import with_svc_calibration
 from ..recipe.schema import RECIPE_DTYPES
 from ...errors import MergeError
 from ..inputs.lora import open_model
+from .config_check import LateCheck
 from .output_config import output_config
 from ..recipe.load import Parameters, Recipe, is_unset, resolve_parameter
 from ..recipe.validation import check_ranges, coerce_parameter, parameter_warnings, unmatched_filter_warnings
@@ -54,6 +55,13 @@ class MergePlan:
     chat_template: str | None = None  # the output tokenizer's chat template (recipe `chat_template`, resolved)
     stages: list[dict] = field(default_factory=list)  # a multi-stage recipe's stages, output last (engine/builders/stages.py)
     quantized_output: dict = field(default_factory=dict)  # what is written quantized (engine/builders/requantize.py)
+    late_checks: list[LateCheck] = field(default_factory=list)  # warnings still being computed (config_check.py)
+
+    def settle_warnings(self) -> list[str]:
+        """`warnings`, with those of checks still running in threads (config_check.py) waited for and added last."""
+        while self.late_checks:
+            self.warnings += self.late_checks.pop(0).join()
+        return self.warnings
 
 
 def natural_key(name: str) -> list:
@@ -498,7 +506,8 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: 
     warnings += builder.warnings + unmatched_filter_warnings(recipe, names)
     if builder.vocabulary is not None:
         warnings += builder.vocabulary.warnings
-    config = output_config(recipe, sources[donor], tasks, layers, warnings)
+    late: list[LateCheck] = []
+    config = output_config(recipe, sources[donor], tasks, layers, warnings, late)
     if sliced:  # a sliced vision tower: its layer count lives in the vision config
         from ..recipe.modules import set_vision_layers
 
@@ -510,4 +519,4 @@ def build_plan(recipe: Recipe, sources: dict[str, ModelSource], truncate_vocab: 
         warnings.append(f"model '{donor}' uses custom code (auto_map in config.json): its *.py files are copied "
                         f"to the output, and loading it needs trust_remote_code=True")
     return MergePlan(recipe, sources, tasks, config, donor, warnings, builder.report, builder.dropped, builder.alignments,
-                     builder.module_sizes, builder.vocabulary, resolve_chat_template(recipe, sources))
+                     builder.module_sizes, builder.vocabulary, resolve_chat_template(recipe, sources), late_checks=late)

@@ -17,16 +17,18 @@ from ...architectures.vocabulary import config_vocab_holders
 from ..recipe.schema import RECIPE_DTYPES
 from ..recipe.load import Recipe
 from ..inputs.source import ModelSource
+from .config_check import LateCheck, check_config
 from .tensor_task import TensorTask
 from .vocabulary import output_vocab_rows, vocab_rows
 
 
 def output_config(recipe: Recipe, donor: ModelSource, tasks: list[TensorTask], layers: int | None,
-                  warnings: list[str]) -> dict:
+                  warnings: list[str], late: list[LateCheck]) -> dict:
     """The donor's config.json (a deep copy: nested `text_config` included) with dtype, layer count and vocab size updated.
 
     A donor without config.json gives an empty config: a warning (an error with --strict), not
-    a refusal, since plain tensor files (no transformers model) still merge."""
+    a refusal, since plain tensor files (no transformers model) still merge. A re-layered config is
+    checked against transformers' config class (config_check.py: now, or in a thread added to `late`)."""
     if not donor.config:
         warnings.append(f"model '{donor.label}': no config.json, so the output has none and transformers "
                         f"cannot load it (the config comes from the base model, else the first); add config.json "
@@ -44,35 +46,13 @@ def output_config(recipe: Recipe, donor: ModelSource, tasks: list[TensorTask], l
             config["dtype"] = config["torch_dtype"]
     if layers is not None:
         set_layers(config, recipe, donor, layers)
-        check_with_transformers(config, warnings)
+        check_config(config, warnings, late)
     rows = output_vocab_rows(tasks)
     donor_rows = vocab_rows(donor)
     if rows is not None and donor_rows is not None and rows != donor_rows:
         for holder in config_vocab_holders(config):
             holder["vocab_size"] = rows
     return config
-
-
-def check_with_transformers(config: dict, warnings: list[str]) -> None:
-    """Where transformers is installed, have its config class validate a re-layered config, so a
-    config it would refuse is said at plan time (a warning; an error with --strict), never found
-    by the user when loading the merged model."""
-    model_type = config.get("model_type")
-    try:
-        import transformers
-    except ImportError:  # optional ([test], [moe], [tokenizers] extras): without it, no check
-        return
-    try:
-        transformers.AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
-    except ValueError as e:
-        if "Unrecognized model" in str(e) or "model_type" in str(e).split(":")[0]:
-            return  # a model type this transformers does not know: nothing to check against
-        warnings.append(f"config.json: transformers' {model_type} config refuses the re-layered config "
-                        f"({str(e).splitlines()[-1].strip()}); the merged model will not load as it is")
-    except Exception as e:  # noqa: BLE001  any other refusal is reported the same way
-        warnings.append(f"config.json: transformers' {model_type} config refuses the re-layered config "
-                        f"({type(e).__name__}: {str(e).splitlines()[-1].strip() if str(e) else ''}); "
-                        f"the merged model will not load as it is")
 
 
 def slice_layer_sources(recipe: Recipe, layers: int) -> list[int] | None:
