@@ -60,3 +60,16 @@ def test_the_command_line_says_a_deferred_refusal_in_its_output_and_report(tmp_p
     strict = subprocess.run([*command, "-o", str(tmp_path / "strict"), "--strict"], capture_output=True, text=True, timeout=300)
     assert strict.returncode == 2 and "refuses the re-layered config" in strict.stdout + strict.stderr
     assert not (tmp_path / "strict" / "model.safetensors").exists()
+
+
+def test_a_child_started_early_and_never_taken_is_stopped_before_the_baseline(monkeypatch):
+    """`run` starts the child before importing torch when the recipe slices layers; a plan that takes no check
+    leaves it idle, and it is stopped before the scheduler measures the process (it would be uncounted)."""
+    monkeypatch.delitem(sys.modules, "transformers")  # as in a `mergeng` process, where transformers is not imported
+    with config_check.config_checks_deferred("slices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"):
+        spare = config_check._SPARE.get()
+        assert isinstance(spare, subprocess.Popen) and spare.poll() is None
+        config_check.stop_spare()
+        assert spare.returncode is not None and config_check._SPARE.get() is None
+    with config_check.config_checks_deferred("merge_method: linear\n"):  # no layers sliced: no child
+        assert config_check._SPARE.get() is None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ...errors import MergeError
 from ..output.writer import DEFAULT_SHARD_SIZE, ShardLayout
-from ..plan.config_check import CHECK_PROCESS_BYTES
+from ..plan.config_check import CHECK_PROCESS_BYTES, stop_spare
 from ..plan.merge_plan import MergePlan
 from ..schedule.memory import current_rss, default_budget, trim_heap
 from ..schedule.scheduler import MAX_UNIT_BYTES, Schedule, make_schedule
@@ -44,6 +44,7 @@ def prepare_plan(plan: MergePlan, recipe_text: str, budget: int | None = None, s
         raise MergeError(f"--shard-size: must be positive, got {shard_size} bytes")
     layout = ShardLayout([t.output for t in plan.tasks], shard_size)
     trim_heap()
+    stop_spare()
     baseline = current_rss() + CHECK_PROCESS_BYTES * sum(check.running for check in plan.late_checks)  # config_check.py's child
     schedule = make_schedule(plan.tasks, budget or default_budget(), baseline, workers, max_unit_bytes)
     return Prepared(plan, schedule, layout, recipe_text)

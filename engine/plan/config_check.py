@@ -53,11 +53,17 @@ def config_checks_deferred(recipe_text: str = ""):
         yield
     finally:
         _DEFERRED.reset(token)
-        spare = _SPARE.get()
-        _SPARE.set(None)
-        if isinstance(spare, subprocess.Popen):
-            spare.kill()
-            spare.wait()
+        stop_spare()
+
+
+def stop_spare() -> None:
+    """Stop the child `config_checks_deferred` started if no plan took it (called before the scheduler
+    measures the process's baseline, so an idle child never outlives planning uncounted)."""
+    spare = _SPARE.get()
+    _SPARE.set(None)
+    if isinstance(spare, subprocess.Popen):
+        spare.kill()
+        spare.wait()
 
 
 def _start_child() -> subprocess.Popen | OSError:
