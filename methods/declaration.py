@@ -27,6 +27,11 @@ row chunk and returns partials the engine combines over the whole tensor:
   them in row order, and the method reduces the full vector itself, so the bytes do not depend
   on how rows were chunked;
 - an integer partial (counts, histograms) is summed over chunks (integer sums are exact).
+A call that holds every row runs the passes itself, one after another, on the same inputs; a
+method may declare `whole_statistics=fn` (called like a pass, with empty `stats`) to give the
+passes' answer at once there instead (e.g. arcee_fusion sorts the sample its three selection
+passes would search by histogram). It must be the answer the passes give, bit for bit: the
+bytes never depend on whether a tensor was chunked.
 
 Whole tensors: a method that needs every row of a tensor at once (an SVD) declares
 `whole_tensor=True`, or a predicate on the shape (`whole_tensor=lambda shape: len(shape) == 2`),
@@ -144,6 +149,7 @@ class MergeMethod:
     whole_tensor: Callable[[tuple[int, ...]], bool] | None = None  # shapes the method needs all rows of at once
     workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None  # (shape, models) -> its cost
     model_statistics: ModelStatistics | None = None  # passes over the whole model before any merge
+    whole_statistics: Callable[..., dict[str, Tensor]] | None = None  # the passes' answer at once, for a whole tensor
 
     @property
     def model_passes(self) -> int:
@@ -184,6 +190,8 @@ class MergeMethod:
     def whole_tensor_statistics(self, base, tensors, params: dict[str, Any], ctx: MergeContext) -> dict[str, Tensor]:
         if (ctx.row_start, ctx.row_stop) != (0, ctx.rows):
             return {}  # a row chunk: statistics must come from the engine's passes over every chunk
+        if self.whole_statistics is not None:
+            return self.whole_statistics(**self._arguments(base, tensors, params, ctx, {}))
         stats: dict[str, Tensor] = {}
         for index in range(len(self.statistics)):
             stats = {**stats, **self.statistics_pass(index, base, tensors, params, ctx, stats)}
@@ -236,7 +244,8 @@ def declare_method(name: str, function: Callable[..., Tensor], *, min_models: in
                    statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
                    whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
                    workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None,
-                   model_statistics: ModelStatistics | None = None) -> MergeMethod:
+                   model_statistics: ModelStatistics | None = None,
+                   whole_statistics: Callable[..., dict[str, Tensor]] | None = None) -> MergeMethod:
     """`function` as a MergeMethod named `name`, its schema read from its signature; registers nothing."""
     hints = typing.get_type_hints(function)
     sig = inspect.signature(function)
@@ -251,7 +260,7 @@ def declare_method(name: str, function: Callable[..., Tensor], *, min_models: in
         wants_ctx="ctx" in sig.parameters, argument_names={param.name: arg for arg, param in declared},
         description=doc.split("\n\n")[0].replace("\n", " "),
         whole_tensor=(lambda shape: True) if whole_tensor is True else (whole_tensor or None),
-        workspace=workspace, model_statistics=model_statistics,
+        workspace=workspace, model_statistics=model_statistics, whole_statistics=whole_statistics,
     )
 
 
@@ -259,7 +268,8 @@ def merge_method(name: str, *, min_models: int = 1, max_models: int | None = Non
                  statistics: Callable[..., dict[str, Tensor]] | list | None = None, scratch: int = 1,
                  whole_tensor: Callable[[tuple[int, ...]], bool] | bool | None = None,
                  workspace: Callable[[tuple[int, ...], int], WholeTensorCost] | None = None,
-                 model_statistics: ModelStatistics | None = None):
+                 model_statistics: ModelStatistics | None = None,
+                 whole_statistics: Callable[..., dict[str, Tensor]] | None = None):
     """Register `function` under the recipe name `name`, its schema read from its signature.
 
     A name is registered once; registering after methods/registry.py closed the table (a method
@@ -272,7 +282,8 @@ def merge_method(name: str, *, min_models: int = 1, max_models: int | None = Non
             raise RuntimeError(f"merge method '{name}' is registered twice")
         _REGISTERED[name] = declare_method(name, function, min_models=min_models, max_models=max_models,
                                            statistics=statistics, scratch=scratch, whole_tensor=whole_tensor,
-                                           workspace=workspace, model_statistics=model_statistics)
+                                           workspace=workspace, model_statistics=model_statistics,
+                                           whole_statistics=whole_statistics)
         return function
 
     return register

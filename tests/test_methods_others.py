@@ -172,5 +172,8 @@ def test_arcee_fusion_samples_big_tensors_with_a_keyed_sample(monkeypatch):
     key = keyed_random.stream_key(3, TENSOR, 0, "arcee_fusion.sample")
     sample = keyed_random.sample_indices(key, 50, b.numel())
     expected = reference_arcee(b, x, sample)
-    for chunk in (None, 5):
-        close(run_method("arcee_fusion", b, [x], {}, chunk, seed=3, tensor_name=TENSOR), expected)
+    outs = [run_method("arcee_fusion", b, [x], {}, chunk, seed=3, tensor_name=TENSOR) for chunk in (None, 5, 16)]
+    for out in outs:
+        close(out, expected)
+    # whole: the sample sorted at once (whole_statistics); chunked or one engine chunk: radix selection; same bytes
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
