@@ -101,6 +101,17 @@ def _run_recipe(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path],
         fail(e, debug)
 
 
+def figure_lines(figures: dict[str, dict[str, float]]) -> list[str]:
+    """One line per figure the methods measured (ctx.figure): its worst value, where, over how many tensors."""
+    lines = []
+    for name in sorted({n for per in figures.values() for n in per}):
+        tensors = {t: per[name] for t, per in figures.items() if name in per}
+        worst = max(tensors, key=lambda t: (tensors[t], t))
+        lines.append(f"{name}: at most {tensors[worst]:.3g} (tensor '{worst}') over {len(tensors)} tensor(s); "
+                     f"each tensor's in report.json (method_figures)")
+    return lines
+
+
 def output_folder(recipe: Path, out_path: Optional[Path], out_dir: Optional[Path]) -> Path:
     """mergekit's OUT_PATH argument or -o; both given must name the same folder."""
     if out_path is not None and out_dir is not None and Path(out_path).absolute() != Path(out_dir).absolute():
@@ -139,6 +150,8 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     warnings = prepared.plan.settle_warnings()
     for note in warnings[len(said):] + (profile.get("method_notes") or []):
         console.print(f"[yellow]warning:[/yellow] {escape(one_line(note))}", highlight=False, soft_wrap=True)
+    for line in figure_lines(profile.get("method_figures") or {}):
+        console.print(f"[cyan]note:[/cyan] {escape(one_line(line))}", highlight=False, soft_wrap=True)
     nonfinite = NonFinite.summary(profile.get("nonfinite"))
     if nonfinite:
         console.print(f"[yellow]warning:[/yellow] {escape(one_line(nonfinite))}", highlight=False, soft_wrap=True)

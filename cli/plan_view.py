@@ -74,7 +74,8 @@ def _whole_tensors(prepared: Prepared) -> list[dict]:
             cost = task.method.whole_tensor_cost(task.output.shape, len(task.inputs))
             out.append({"tensor": task.output.name, "method": task.method.name, "shape": list(task.output.shape),
                         "unit_bytes": prepared.schedule.merge_bytes.get(task.output.name, 0),
-                        "workspace_bytes": whole_tensor_bytes(task), "flops": cost.flops})
+                        "workspace_bytes": whole_tensor_bytes(task), "flops": cost.flops,
+                        "svd": "randomized" if task.params.get("randomized_svd") else "exact"})
     return out
 
 
@@ -210,6 +211,10 @@ def render_text(prepared: Prepared, console: Console, out_dir: Path | None = Non
         console.print(f"{len(whole)} tensor(s) take a whole-tensor SVD ({largest['method']}), one unit each, never row-chunked; "
                       f"the largest, {escape(largest['tensor'])} {largest['shape']}, needs {format_size(largest['unit_bytes'])} "
                       f"(SVD workspace {format_size(largest['workspace_bytes'])}); SVD time ≈ {seconds:.0f} s", highlight=False)
+        if any(w["svd"] == "randomized" for w in whole):  # costed as exact: the memory and time above are upper bounds
+            console.print("randomized_svd: each task vector's top triplets come from a randomized SVD (memory and time above "
+                          "are an exact SVD's, upper bounds); run reports each tensor's error (method_figures in "
+                          "report.json); the merge is not FusionBench's exact one", highlight=False)
     for model, a in plan.alignments.items():
         rules = ", ".join(f"'{src}*' → '{dst}*'" for src, dst in summarize(a).items())
         console.print(f"names of [bold]{escape(model)}[/bold] aligned to the output ({len(a)} tensors): {escape(rules)}")

@@ -345,7 +345,8 @@ def run_merge(prepared: Prepared, out_dir: str | Path, fresh: bool = False,
                           "inputs": {str(h.snapshot.ref): h.snapshot.identity for h in hub}}
     with output_errors(out_dir, exit_code=1):
         (out_dir / STATE_DIR / "profile.json").write_text(json.dumps(profile))
-        write_report(prepared.plan, out_dir / STATE_DIR / "report.json", figures.get("nonfinite"), figures.get("method_notes"))
+        write_report(prepared.plan, out_dir / STATE_DIR / "report.json", figures.get("nonfinite"), figures.get("method_notes"),
+                     figures.get("method_figures"))
     journal.close()
     return profile
 
@@ -367,7 +368,7 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
         if nonfinite["inputs"] or nonfinite["outputs"]:  # said even when --strict stopped the run
             write_report(prepared.plan, Path(writer.out_dir) / STATE_DIR / "report.json", nonfinite)
     figures = {"units_run": executor.units_run, "rss_waits": executor.rss_waits, "nonfinite": nonfinite,
-               "method_notes": executor.method_notes}
+               "method_notes": executor.method_notes, "method_figures": executor.method_figures}
     if prepared.schedule.model_passes:  # model-wide statistics: what this run computed, what the journal gave
         figures["model_statistics"] = {"passes": prepared.schedule.model_passes,
                                        "units_total": len(prepared.schedule.model_units()),
@@ -376,13 +377,16 @@ def run_units_here(prepared: Prepared, writer: ShardWriter, journal: Journal, fi
     return figures
 
 
-def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None, method_notes: list[str] | None = None) -> None:
+def write_report(plan: MergePlan, path: Path, nonfinite: dict | None = None, method_notes: list[str] | None = None,
+                 method_figures: dict[str, dict[str, float]] | None = None) -> None:
     """Every output tensor (merged or copied, from which models) and every input tensor left out, with
     why; a multi-stage recipe's stages; the non-finite values the run met; what methods said about
     the weights (`method_warnings`, e.g. rank-deficient task vectors under an SVD merge)."""
     report = {"inputs": input_identities(plan), "tensors": plan.report, "dropped": plan.dropped, "renamed": plan.alignments,
               "warnings": plan.settle_warnings(), "method_warnings": method_notes or [],
               "nonfinite": nonfinite or {"inputs": {}, "outputs": {}}}
+    if method_figures:  # what methods measured per tensor (ctx.figure), e.g. a randomized SVD's residual
+        report["method_figures"] = dict(sorted(method_figures.items()))
     if plan.stages:
         report["stages"] = plan.stages
     path.write_text(json.dumps(report, indent=1))

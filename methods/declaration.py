@@ -40,6 +40,8 @@ inputs and `scratch`, and its flops (for the plan's time estimate).
 The engine then never row-chunks such a tensor; it costs the unit with that workspace and refuses
 (one line, naming the tensor) a budget it cannot fit. `ctx.warn(text)` lets a method say what
 the weights revealed (e.g. rank deficiency); the run prints it and keeps it in report.json.
+`ctx.figure(name, value)` reports a measured number per tensor (e.g. a randomized SVD's residual):
+report.json keeps it per tensor, and the run says the worst in one line.
 
 Model-wide statistics: a method whose result depends on reductions over the *whole model* per
 task (PCB's order statistics, Localize-and-Stitch's global top-k threshold) declares
@@ -93,10 +95,17 @@ class MergeContext:
     # the combined values of the model-wide statistics passes run so far (methods with model_statistics)
     model_stats: Mapping[str, Tensor] = field(default_factory=dict, compare=False)
 
+    figures: dict[str, float] = field(default_factory=dict, compare=False)  # what ctx.figure measured, by name
+
     def warn(self, message: str) -> None:
         """Say something the weights revealed (e.g. rank-deficient task vectors); the run reports it."""
         if message not in self.notes:
             self.notes.append(message)
+
+    def figure(self, name: str, value: float) -> None:
+        """Report a measured number for this tensor (the largest when said twice), e.g. an approximation's
+        error: report.json's `method_figures` holds it per tensor; run's summary says the worst."""
+        self.figures[name] = max(value, self.figures.get(name, value))
 
 
 @dataclass(frozen=True)

@@ -365,3 +365,57 @@ dtype: float32
             assert torch.equal(value, plain[name]), name  # calibration leaves vectors as the method made them
         else:
             close(value, svc_reference(inputs["base"][name], [inputs["a"][name], inputs["b"][name]], plain[name], 0.2))
+
+
+# --- tsvm's opt-in randomized SVD --------------------------------------------------------------
+
+def decaying(m, n, rate, seed):
+    """An m×n matrix with singular values rate**j (a task vector's typical spectrum, fast or slow decay)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    return (u * rate ** torch.arange(min(m, n), dtype=torch.float64)) @ v.T
+
+
+def test_the_randomized_svd_states_an_error_that_bounds_its_real_one():
+    """Against an exact SVD: the stated figure (how much more of τ the sketch's k directions miss than an exact SVD's, at
+    most: a guaranteed bound, loose when the spectrum decays slowly) is never below the real excess, and is small on
+    a fast-decaying spectrum."""
+    from mergeng.methods.registry import MergeContext
+    from mergeng.methods.subspace import RESIDUAL_EXCESS, top_svd
+
+    for rate, seed in ((0.9, 1), (0.97, 2), (0.999, 3)):
+        tau = decaying(300, 200, rate, seed).float()
+        k = 60
+        ctx = MergeContext("t", 0, 300, 300)
+        u, s, vh, _ = top_svd(tau, k, True, 12345, ctx)
+        exact = torch.linalg.svdvals(tau.double())
+        norm = float(tau.double().norm())
+        approx = tau.double() - (u[:, :k] * s[:k]).double() @ vh[:k].double()
+        real = (float(approx.norm()) - float(exact[k:].norm())) / norm
+        stated = ctx.figures[RESIDUAL_EXCESS]
+        assert 0 <= real <= stated + 1e-6, (rate, real, stated)
+        if rate == 0.9:  # a fast decay: the sketch is all but exact, and the figure says so
+            assert stated < 1e-3 and torch.allclose(s[:k].double(), exact[:k], rtol=1e-3), rate
+    assert stated > 1e-2  # rate 0.999: the spectrum hardly decays; the figure says the sketch may be far off
+
+
+def test_randomized_tsvm_runs_deterministically_and_reports_its_error(tmp_path, tiny_models):
+    t = tiny_models
+    path = tmp_path / "r.yml"
+    path.write_text(recipe(t, "tsvm", "parameters: {lambda: 1.0, randomized_svd: true}"))
+    planned = cli("plan", path)
+    assert planned.exit_code == 0 and "randomized_svd" in planned.output, planned.output
+    first = merge(tmp_path, path.read_text(), name="first")
+    again = merge(tmp_path, path.read_text(), "--workers", "1", "--max-unit", "20K", name="again")
+    exact = load_tensors(merge(tmp_path, recipe(t, "tsvm"), name="exact"))
+    out, out2 = load_tensors(first), load_tensors(again)
+    report = json.loads((first / ".mergeng" / "report.json").read_text())
+    figures = report["method_figures"]
+    sketched = {n for n, x in out.items() if x.dim() == 2 and min(x.shape) // 2 + 10 < min(x.shape)}  # k = r/2, 2 models
+    assert set(figures) == sketched and sketched, figures
+    assert all(0 <= f["tsvm randomized SVD: relative residual beyond an exact SVD's"] <= 1 for f in figures.values())
+    for name in out:
+        assert torch.equal(out[name], out2[name]), name  # same bytes for any worker count or unit cap
+        if name not in sketched:  # vectors (mean task vector), or too small to sketch (k + 10 ≥ min(m, n)): exact
+            assert torch.equal(out[name], exact[name]), name

@@ -145,7 +145,7 @@ def run_partition(args: RecipeArgs, expected: Partition, out_dir: str, ledger) -
             writer.close()
     return {"shard": shard, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
             "units_run": executor.units_run, "rss_waits": executor.rss_waits, "peak_rss_bytes": sampler.peak,
-            "method_notes": executor.method_notes,
+            "method_notes": executor.method_notes, "method_figures": executor.method_figures,
             "start_rss_bytes": start_rss,
             "seconds": round(time.time() - started, 3),
             "timeline": [(round(sampler_started + t, 3), rss) for t, rss in sampler.timeline]}
@@ -237,7 +237,8 @@ class RayUnits:
         return {"executor": "ray", "units_run": sum(r["units_run"] for r in reports),
                 "rss_waits": sum(r["rss_waits"] for r in reports), "worker_baseline_bytes": self.plan.prepared.schedule.baseline,
                 "nodes": nodes, "partitions": partitions,
-                "method_notes": list(dict.fromkeys(n for r in sorted(reports, key=lambda r: r["shard"]) for n in r.get("method_notes", [])))}
+                "method_notes": list(dict.fromkeys(n for r in sorted(reports, key=lambda r: r["shard"]) for n in r.get("method_notes", []))),
+                "method_figures": {t: f for r in reports for t, f in r.get("method_figures", {}).items()}}
 
 
 def node_peak(reports: list[dict]) -> int:

@@ -172,6 +172,7 @@ class Executor:
         self._lock = threading.Lock()
         self.units_run = 0
         self.method_notes: list[str] = []  # what methods said about the weights (ctx.warn), e.g. rank deficiency
+        self.method_figures: dict[str, dict[str, float]] = {}  # what methods measured per tensor (ctx.figure)
         self.rss_waits = 0
         self._prefetch_fds: dict = {}
         self._statistics: dict[int, TensorStatistics] = {}  # chunked tensors whose units are running
@@ -416,7 +417,7 @@ class Executor:
             counts = self.nonfinite.check_inputs(task, base, inputs, unit.row_start, fresh)
             said = len(self.method_notes)
             out = apply_method(task, base, inputs, unit.row_start, unit.row_stop, self.seed,
-                               None if state is None else state.stats, self.method_notes, model_stats)
+                               None if state is None else state.stats, self.method_notes, model_stats, self.method_figures)
             if self.nonfinite.strict and len(self.method_notes) > said:
                 raise MergeError(f"{self.method_notes[said]}; --strict stops here (what was written is kept)", exit_code=1)
             del base, inputs

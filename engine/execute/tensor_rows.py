@@ -41,12 +41,18 @@ def context(task: TensorTask, start: int, stop: int, seed: int, model_stats: dic
 
 
 def apply_method(task: TensorTask, base, inputs, start: int, stop: int, seed: int, stats: dict | None,
-                 notes: list[str] | None = None, model_stats: dict | None = None) -> torch.Tensor:
-    """The method over rows [start, stop), cast to the output dtype; what the method said (ctx.warn) goes to `notes`."""
+                 notes: list[str] | None = None, model_stats: dict | None = None,
+                 figures: dict[str, dict[str, float]] | None = None) -> torch.Tensor:
+    """The method over rows [start, stop), cast to the output dtype; what the method said (ctx.warn) goes to `notes`,
+    what it measured (ctx.figure) to `figures[tensor name]`."""
     ctx = context(task, start, stop, seed, model_stats)
     out = task.method(base, inputs, task.params, ctx, stats)
     if notes is not None:
         notes.extend(n for n in ctx.notes if n not in notes)
+    if figures is not None and ctx.figures:
+        mine = figures.setdefault(task.output.name, {})
+        for name, value in ctx.figures.items():
+            mine[name] = max(value, mine.get(name, value))
     if out.shape != (stop - start,) + task.output.shape[1:] and task.output.shape:
         raise MergeError(f"tensor '{task.output.name}': method {task.method.name} returned shape {list(out.shape)}", exit_code=1)
     return out.to(task.output.dtype)
