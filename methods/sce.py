@@ -103,13 +103,15 @@ def sce(base: Tensor, tensors: list[Tensor], stats: dict, ctx: MergeContext, sel
     omega = torch.full_like(means, 1 / len(tensors)) if abs(weight_sum) < 1e-6 else means / weight_sum
     keep = _keep(base, tensors, select_topk, stats, ctx)
     consensus = SignConsensus(rows_view, weights=True)
+    merged = torch.empty_like(rows_view)
     for a, b in row_blocks(*rows_view.shape):
         mask = keep(a, b) if keep else None
+        consensus.start(b - a)
         for i, x in enumerate(tensors):
             tau = as_rows(x)[a:b] - rows_view[a:b]
             if mask is not None:
                 tau.mul_(mask)
-            consensus.add(a, b, tau, tau * float(omega[i]), float(omega[i]))
-    merged, weights = consensus.elected()
-    merged.div_(weights.clamp_(min=1e-6))
+            consensus.add(tau, tau * float(omega[i]), float(omega[i]))
+        elected, weights = consensus.elected()
+        merged[a:b] = elected.div_(weights.clamp_(min=1e-6))
     return merged.add_(rows_view).view(shape)

@@ -38,46 +38,53 @@ from . import keyed_random
 from .rank_selection import PASSES as SELECTION_PASSES
 from .rank_selection import RankSelection
 from .declaration import MergeContext, Tensor, merge_method
-from .row_sums import as_rows, at_least_1d, row_blocks, row_sums, total
+from .row_sums import BLOCK_ELEMENTS, as_rows, at_least_1d, row_blocks, row_sums, total
 
 RESCALE_EPS = 1e-7  # mergekit: no L1 rescaling when either mass is below this
 
 
 class SignConsensus:
-    """Running sums for TIES' sign election ('sum'), one model at a time.
+    """Running sums for TIES' sign election ('sum'), one row block and one model at a time.
 
     mergekit stacks all W_i, sums them for the sign, then sums the agreeing ones. Keeping the
     running total and the sums of positive and of negative contributions (and of their weights)
     gives the same numbers, each summed in model order, with five buffers for any number of models.
+    The buffers hold one row block (row_sums.row_blocks of `like`) and are reused block after block
+    (`start`, `add` per model, `elected`): they stay in the CPU's cache, and no tensor-sized buffer
+    is zero-filled. Elementwise, so the bytes do not depend on where blocks start.
     """
 
     def __init__(self, like: Tensor, weights: bool):
-        self.total = torch.zeros_like(like)
-        self.positive = torch.zeros_like(like)
-        self.negative = torch.zeros_like(like)
-        self.positive_weight = torch.zeros_like(like) if weights else None
-        self.negative_weight = torch.zeros_like(like) if weights else None
+        rows, cols = like.shape
+        step = min(rows, max(1, BLOCK_ELEMENTS // max(cols, 1)))
+        self._buffers = torch.empty(5 if weights else 3, step, cols, dtype=like.dtype)
+        self.weights = weights
 
-    def add(self, a: int, b: int, signs: Tensor, contribution: Tensor, weight: float) -> None:
-        """Rows [a, b): `signs` decide the vote and which side `contribution` (weight `weight`) joins."""
-        self.total[a:b] += signs
+    def start(self, rows: int) -> None:
+        """Begin a block of `rows` rows (at most one row_blocks step)."""
+        blocks = self._buffers[:, :rows].zero_()
+        self.total, self.positive, self.negative = blocks[0], blocks[1], blocks[2]
+        self.positive_weight, self.negative_weight = (blocks[3], blocks[4]) if self.weights else (None, None)
+
+    def add(self, signs: Tensor, contribution: Tensor, weight: float) -> None:
+        """The block's `signs` decide the vote and which side `contribution` (weight `weight`) joins."""
+        self.total += signs
         # a finite contribution joins its side by a product with the vote (torch.where is ~3x slower on CPU);
         # where it holds NaN or an infinity, torch.where keeps them out of the side they do not join
         finite = bool(torch.isfinite(contribution.sum()))
         for side, side_weight, agree in ((self.positive, self.positive_weight, signs > 0),
                                          (self.negative, self.negative_weight, signs < 0)):
-            side[a:b] += contribution * agree if finite else torch.where(agree, contribution, 0.0)
+            side += contribution * agree if finite else torch.where(agree, contribution, 0.0)
             if side_weight is not None:
-                side_weight[a:b].add_(agree, alpha=weight)
+                side_weight.add_(agree, alpha=weight)
 
     def elected(self) -> tuple[Tensor, Tensor | None]:
-        """(Σ agreeing contributions, Σ agreeing weights), in the buffers of the positive side."""
-        for a, b in row_blocks(self.total.shape[0], max(1, self.total[:1].numel())):
-            positive = self.total[a:b] >= 0
-            torch.where(positive, self.positive[a:b], self.negative[a:b], out=self.positive[a:b])
-            if self.positive_weight is not None:
-                torch.where(positive, self.positive_weight[a:b], self.negative_weight[a:b], out=self.positive_weight[a:b])
-        self.total = self.negative = self.negative_weight = None
+        """The block's (Σ agreeing contributions, Σ agreeing weights), in the buffers of the positive side
+        (valid until the next `start`)."""
+        positive = self.total >= 0
+        torch.where(positive, self.positive, self.negative, out=self.positive)
+        if self.positive_weight is not None:
+            torch.where(positive, self.positive_weight, self.negative_weight, out=self.positive_weight)
         return self.positive, self.positive_weight
 
 
@@ -379,8 +386,10 @@ def merge_task_vectors(base: Tensor, tensors: list[Tensor], weight: list[float],
     sparsity = [member.sparsifier.plan(i, job) if member.sparsifier else Sparsity() for i in range(len(tensors))]
     like = job.base_rows
     consensus = SignConsensus(like, weights=normalize) if member.consensus else None
-    mixed = None if consensus else torch.zeros_like(like)
+    mixed = torch.empty_like(like) if consensus else torch.zeros_like(like)
     for a, b in row_blocks(job.rows, job.cols):
+        if consensus:
+            consensus.start(b - a)
         for i, w in enumerate(weight):
             if sparsity[i].nothing:
                 continue
@@ -391,15 +400,16 @@ def merge_task_vectors(base: Tensor, tensors: list[Tensor], weight: list[float],
                 d.mul_(sparsity[i].scale)
             d.mul_(w)
             if consensus:
-                consensus.add(a, b, d, d, w)
+                consensus.add(d, d, w)
             else:
                 mixed[a:b] += d
-    if consensus:
-        mixed, divisor = consensus.elected()
-        if normalize:
-            divisor[divisor == 0] = 1.0
-            mixed.div_(divisor)
-    elif normalize:
+        if consensus:
+            elected, divisor = consensus.elected()
+            if normalize:
+                divisor[divisor == 0] = 1.0
+                elected.div_(divisor)
+            mixed[a:b] = elected
+    if not consensus and normalize:
         divisor = float(torch.tensor(weight, dtype=torch.float32).sum())
         mixed.div_(1.0 if abs(divisor) < 1e-8 else divisor)
     if lambda_ != 1:
