@@ -126,6 +126,20 @@ def test_tiny_models_on_two_nodes_give_the_local_bytes(tmp_path, tiny_models, cl
     assert len(profile["partitions"]) >= 3
 
 
+def test_nan_and_inf_on_two_nodes_are_counted_as_a_local_run_counts_them(tmp_path, tiny_models, cluster):
+    """The tasks' counts travel with their chunks through the ledger into the driver's journal: run's summary and
+    report.json say what a local run says."""
+    from test_hostile_inputs import _with_nan
+
+    model, name = _with_nan(tmp_path, tiny_models)
+    recipe = write_recipe(tmp_path, f"merge_method: linear\nmodels:\n  - model: {model}\n    parameters: {{weight: 0.5}}\n"
+                                    f"  - model: {tiny_models['b']}\n    parameters: {{weight: 0.5}}\n")
+    check_against_local(tmp_path, recipe, cluster, "--shard-size", "100K", "--max-unit", "4K")
+    reports = [json.loads((tmp_path / out / ".mergeng" / "report.json").read_text())["nonfinite"] for out in ("local", "ray")]
+    assert reports[0] == reports[1] == {"inputs": {str(model): {name: 2}}, "outputs": {name: 2}}
+    assert ray_profile(tmp_path / "ray")["nonfinite"] == reports[0]
+
+
 def test_medium_multi_stage_on_two_nodes_gives_the_local_bytes(tmp_path, medium_models, cluster):
     recipe = recipe_for(tmp_path, medium_models, SLERP_TIES)
     profile = check_against_local(tmp_path, recipe, cluster, "--shard-size", "6M")

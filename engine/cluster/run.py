@@ -62,6 +62,7 @@ class ChunkLedger:
     def __init__(self, recorded: dict[str, list[tuple[str, int, int, int]]]):
         self._by_shard = defaultdict(list, {shard: list(chunks) for shard, chunks in recorded.items()})
         self._new: list[tuple[str, int, int, int]] = []
+        self._new_counts: list[tuple[str, int, int, str | None, str, int]] = []  # NaN/Inf the new chunks met
         self._attempts: dict[str, int] = defaultdict(int)
 
     def attempt(self, shard: str) -> list[tuple[str, int, int, int]]:
@@ -69,13 +70,16 @@ class ChunkLedger:
         self._attempts[shard] += 1
         return list(self._by_shard[shard])
 
-    def report(self, shard: str, chunks: list[tuple[str, int, int, int]]) -> None:
+    def report(self, shard: str, chunks: list[tuple[str, int, int, int]], nonfinite: list = ()) -> None:
         self._by_shard[shard].extend(chunks)
         self._new.extend(chunks)
+        self._new_counts.extend(nonfinite)
 
-    def drain(self) -> list[tuple[str, int, int, int]]:
-        new, self._new = self._new, []
-        return new
+    def drain(self) -> tuple[list[tuple[str, int, int, int]], list]:
+        """The chunks reported since the last drain, and the non-finite counts their computation met (recorded
+        together in one journal commit, as a local run records them)."""
+        new, counts, self._new, self._new_counts = self._new, self._new_counts, [], []
+        return new, counts
 
     def attempts(self) -> dict[str, int]:
         return dict(self._attempts)
@@ -88,7 +92,7 @@ class LedgerJournal:
         self.ledger, self.shard = ledger, shard
 
     def record(self, chunks: list[tuple[str, int, int, int]], nonfinite: list = ()) -> None:
-        ray.get(self.ledger.report.remote(self.shard, list(chunks)))  # NaN/Inf counts are not carried to the driver yet
+        ray.get(self.ledger.report.remote(self.shard, list(chunks), list(nonfinite)))
 
 
 class ShardFileWriter(ShardWriter):
@@ -171,7 +175,7 @@ class RayUnits:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)  # dies with the driver only
         ledger = _remote(ChunkLedger, num_cpus=0).options(scheduling_strategy=here).remote(dict(recorded))
 
-        def drain() -> list:
+        def drain() -> tuple[list, list]:
             return _get(ledger.drain.remote(), "the Ray actor collecting finished chunks (ChunkLedger)")
         todo = [p for p in self.plan.partitions if unfinished(p, prepared, finished)]
         self._finish_shards([p for p in self.plan.partitions if p not in todo], prepared, writer, finished)
@@ -194,7 +198,8 @@ class RayUnits:
                 with contextlib.suppress(MergeError):  # the ledger itself may be what failed
                     self._journal(drain(), journal, finished, layout, lambda n: None)
             ray.kill(ledger)
-        return self._figures(reports, attempts)
+        # NaN/Inf: the counts recorded with every chunk, this run's and an earlier one's (what a local run reports)
+        return {**self._figures(reports, attempts), "nonfinite": journal.nonfinite()}
 
     def _launch(self, p: Partition, out_dir: Path, ledger):
         return _remote(run_partition).options(memory=p.memory, num_cpus=1, max_retries=MAX_RETRIES, runtime_env=WORKER_ENV,
@@ -202,10 +207,11 @@ class RayUnits:
             self.plan.args, p, str(Path(out_dir).absolute()), ledger)
 
     @staticmethod
-    def _journal(chunks: list, journal: Journal, finished: dict, layout: ShardLayout, on_progress) -> None:
+    def _journal(drained: tuple[list, list], journal: Journal, finished: dict, layout: ShardLayout, on_progress) -> None:
+        chunks, nonfinite = drained
         if not chunks:
             return
-        journal.record(chunks)
+        journal.record(chunks, nonfinite)
         for t, a, b, crc in chunks:
             finished[(t, a, b)] = crc
             on_progress((b - a) * layout.tensors[t].row_bytes)
