@@ -132,7 +132,7 @@ def execute(prepared, target: Path, fresh: bool, done: str = "merged", earlier_p
     from ..engine.run import run_merge
     from .progress import MergeProgress
 
-    said = list(prepared.plan.warnings)  # a check still running in a thread (config_check.py) is said after the merge
+    said = list(prepared.plan.warnings)  # a check still running in its child process (config_check.py) is said after the merge
     for w in said:
         console.print(f"[yellow]warning:[/yellow] {escape(one_line(w))}", highlight=False, soft_wrap=True)
     total = sum(t.output.nbytes for t in prepared.plan.tasks)

@@ -76,9 +76,14 @@ def _order_statistics(values: Tensor, ranks: list[int]) -> list[float]:
     return [float(chosen[r]) for r in ranks]
 
 
+def _sample_threshold(sample: Tensor, numel: int) -> float:
+    """The threshold from the flat importance sample of a tensor of `numel` elements."""
+    return _threshold(*_order_statistics(sample, _ranks(numel)))
+
+
 def _vector_threshold(scores: Tensor, ctx: MergeContext) -> float:
     """A whole (gathered) tensor's threshold, from the order statistics of its sample."""
-    return _threshold(*_order_statistics(_sampled_values(scores, 0, ctx, scores.numel()).flatten(), _ranks(scores.numel())))
+    return _sample_threshold(_sampled_values(scores, 0, ctx, scores.numel()).flatten(), scores.numel())
 
 
 def _selection_pass(index: int):
@@ -103,7 +108,7 @@ def _whole_statistics(base: Tensor, tensors: list[Tensor], ctx: MergeContext, **
     numel, cols = _numel(base, ctx), as_rows(base).shape[1]
     sample = torch.cat([_sampled_values(importance(x[a:b], base[a:b]), a * cols, ctx, numel).flatten()
                         for a, b in row_blocks(base.shape[0], cols)])
-    return {"arcee_fusion.threshold": torch.tensor(_threshold(*_order_statistics(sample, _ranks(numel))))}
+    return {"arcee_fusion.threshold": torch.tensor(_sample_threshold(sample, numel))}
 
 
 @merge_method("arcee_fusion", min_models=1, max_models=1,

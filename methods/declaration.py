@@ -29,8 +29,8 @@ row chunk and returns partials the engine combines over the whole tensor:
 - an integer partial (counts, histograms) is summed over chunks (integer sums are exact).
 A call that holds every row runs the passes itself, one after another, on the same inputs; a
 method may declare `whole_statistics=fn` (called like a pass, with empty `stats`) to give the
-passes' answer at once there instead (e.g. arcee_fusion sorts the sample its three selection
-passes would search by histogram). It must be the answer the passes give, bit for bit: the
+passes' answer at once there instead (e.g. arcee_fusion selects the order statistics of the sample
+its three selection passes would search by histogram). It must be the answer the passes give, bit for bit: the
 bytes never depend on whether a tensor was chunked.
 
 Whole tensors: a method that needs every row of a tensor at once (an SVD) declares

@@ -100,8 +100,8 @@ def _gaussian(key: int, rows: int, cols: int) -> Tensor:
     return (torch.sqrt(-2.0 * torch.log1p(-u[0])) * torch.cos(2 * torch.pi * u[1])).float()
 
 
-def top_svd(tau: Tensor, k: int, randomized: bool, key: int, ctx: MergeContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(U, S, Vᵀ) with at least the k leading singular triplets of `tau`, and `s` the singular values found.
+def top_svd(tau: Tensor, k: int, randomized: bool, key: int, ctx: MergeContext) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, Vᵀ) with at least the k leading singular triplets of `tau`.
 
     Exact: torch.linalg.svd. Randomized (opt-in): a Gaussian sketch of k + OVERSAMPLE columns, POWER_ITERATIONS
     subspace iterations, the SVD of the small projection (Halko, Martinsson & Tropp, arXiv 0909.4061, Alg. 4.4 +
@@ -112,7 +112,7 @@ def top_svd(tau: Tensor, k: int, randomized: bool, key: int, ctx: MergeContext) 
     width = k + OVERSAMPLE
     if not randomized or width >= min(m, n):
         u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        return u, s, vh, s
+        return u, s, vh
     q = torch.linalg.qr(tau @ _gaussian(key, n, width)).Q
     for _ in range(POWER_ITERATIONS):
         q = torch.linalg.qr(tau @ torch.linalg.qr(tau.T @ q).Q).Q
@@ -123,7 +123,7 @@ def top_svd(tau: Tensor, k: int, randomized: bool, key: int, ctx: MergeContext) 
         upper = max(0.0, norm2 - float(s2[:k].sum())) ** 0.5
         lower = float(s2[k:].sum()) ** 0.5
         ctx.figure(RESIDUAL_EXCESS, max(0.0, upper - lower) / norm2 ** 0.5)
-    return q @ ub, s, vh, s
+    return q @ ub, s, vh
 
 
 def _polar(x: Tensor) -> Tensor:
@@ -198,7 +198,7 @@ def tsvm(base: Tensor, tensors: list[Tensor], ctx: MergeContext, weight: list[fl
     sum_vh = torch.zeros(r, n)
     for i, tau in enumerate(_taus(base, tensors, weight)):
         key = keyed_random.stream_key(ctx.seed, ctx.tensor_name, i, "tsvm.sketch")
-        u, s, vh, _ = top_svd(tau, k, randomized_svd, key, ctx)
+        u, s, vh = top_svd(tau, k, randomized_svd, key, ctx)
         _check_rank(s, k, f"the task vector of {model_label(ctx, i)}", base.shape, ctx)
         sum_u[:, i * k:(i + 1) * k] = u[:, :k]
         sum_s[i * k:(i + 1) * k] = s[:k]

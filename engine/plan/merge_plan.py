@@ -58,7 +58,7 @@ class MergePlan:
     late_checks: list[LateCheck] = field(default_factory=list)  # warnings still being computed (config_check.py)
 
     def settle_warnings(self) -> list[str]:
-        """`warnings`, with those of checks still running in threads (config_check.py) waited for and added last."""
+        """`warnings`, with those of checks still running in child processes (config_check.py) waited for and added last."""
         while self.late_checks:
             self.warnings += self.late_checks.pop(0).join()
         return self.warnings

@@ -28,7 +28,7 @@ def output_config(recipe: Recipe, donor: ModelSource, tasks: list[TensorTask], l
 
     A donor without config.json gives an empty config: a warning (an error with --strict), not
     a refusal, since plain tensor files (no transformers model) still merge. A re-layered config is
-    checked against transformers' config class (config_check.py: now, or in a thread added to `late`)."""
+    checked against transformers' config class (config_check.py: now, or in a child process added to `late`)."""
     if not donor.config:
         warnings.append(f"model '{donor.label}': no config.json, so the output has none and transformers "
                         f"cannot load it (the config comes from the base model, else the first); add config.json "
